@@ -1,0 +1,187 @@
+// CPU kernels of the random_ltd ops (mirrors csrc/cuda/token_ops_cuda.cu).
+//
+// gather/scatter move whole rows (a row = h elements) with memcpy. Copying is bit-exact, so one byte-level
+// implementation serves every dtype (fp32/fp16/bf16/fp64/int*/bool/complex): no dtype switch is needed.
+#include "token_ops_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../common/philox.h"
+
+namespace random_ltd::cpu {
+namespace {
+
+// Chunks of at least ~256 KiB per task, so that at::parallel_for does not split small copies across threads.
+int64_t grain_for(int64_t row_bytes) {
+  constexpr int64_t kChunkBytes = 256 * 1024;
+  return std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(row_bytes, 1));
+}
+
+// Every index must lie in [0, seq_len): the kernels below trust them afterwards.
+void check_index_values(const at::Tensor& indices, int64_t seq_len, const char* op) {
+  const int64_t* idx = indices.const_data_ptr<int64_t>();
+  const int64_t n = indices.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(idx[i] >= 0 && idx[i] < seq_len, op, ": indices[", i / indices.size(1), ", ", i % indices.size(1),
+                "] = ", idx[i], " is out of range for a sequence of length ", seq_len);
+  }
+}
+
+// Geometry of a token tensor: rows are indexed (b, position) in either layout.
+struct Layout {
+  int64_t batch;
+  bool batch_first;
+  // Row number of (b, pos) in a tensor with `len` positions per sample.
+  int64_t row(int64_t b, int64_t pos, int64_t len) const { return batch_first ? b * len + pos : pos * batch + b; }
+};
+
+template <typename T>
+void slice_mask_impl(const at::Tensor& mask, const at::Tensor& indices, at::Tensor& out) {
+  const int64_t b = indices.size(0), k = indices.size(1), mh = mask.size(1);
+  const bool broadcast = mask.size(0) == 1;
+  const int64_t st0 = mask.stride(0), st1 = mask.stride(1), st2 = mask.stride(2), st3 = mask.stride(3);
+  const T* src = static_cast<const T*>(mask.const_data_ptr());
+  T* dst = static_cast<T*>(out.mutable_data_ptr());
+  const int64_t* idx = indices.const_data_ptr<int64_t>();
+  // One task item = one output row out[i, hh, p, :].
+  at::parallel_for(0, b * mh * k, grain_for(k * static_cast<int64_t>(sizeof(T))), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t p = r % k;
+      const int64_t hh = (r / k) % mh;
+      const int64_t i = r / (k * mh);
+      const int64_t* row_idx = idx + i * k;
+      const T* src_row = src + (broadcast ? 0 : i * st0) + hh * st1 + row_idx[p] * st2;
+      T* dst_row = dst + r * k;
+      for (int64_t q = 0; q < k; ++q) dst_row[q] = src_row[row_idx[q] * st3];
+    }
+  });
+}
+
+// 16-byte element (complex128) for the mask copy; plain struct assignment copies the bits.
+struct alignas(16) Bytes16 {
+  uint64_t lo, hi;
+};
+
+}  // namespace
+
+at::Tensor gather_tokens(const at::Tensor& x, const at::Tensor& indices, bool batch_first) {
+  const int64_t b = indices.size(0), k = indices.size(1);
+  const int64_t s = x.size(batch_first ? 1 : 0), h = x.size(2);
+  at::Tensor out = batch_first ? at::empty({b, k, h}, x.options()) : at::empty({k, b, h}, x.options());
+  check_index_values(indices, s, "gather_tokens");
+  if (out.numel() == 0) return out;
+
+  const int64_t row_bytes = h * static_cast<int64_t>(x.element_size());
+  const char* src = static_cast<const char*>(x.const_data_ptr());
+  char* dst = static_cast<char*>(out.mutable_data_ptr());
+  const int64_t* idx = indices.const_data_ptr<int64_t>();
+  const Layout lay{b, batch_first};
+  // Output rows are walked in memory order so each thread writes one contiguous stretch.
+  at::parallel_for(0, b * k, grain_for(row_bytes), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t bi = batch_first ? r / k : r % b;
+      const int64_t j = batch_first ? r % k : r / b;
+      std::memcpy(dst + r * row_bytes, src + lay.row(bi, idx[bi * k + j], s) * row_bytes, row_bytes);
+    }
+  });
+  return out;
+}
+
+at::Tensor scatter_tokens(const at::Tensor& x, const at::Tensor& y, const at::Tensor& indices, bool batch_first) {
+  const int64_t b = indices.size(0), k = indices.size(1);
+  const int64_t s = x.size(batch_first ? 1 : 0), h = x.size(2);
+  at::Tensor out = at::empty_like(x);
+  check_index_values(indices, s, "scatter_tokens");
+  if (out.numel() == 0) return out;
+
+  // One pass that writes every output row exactly once, from x or from y: 2*|x| bytes of traffic, where
+  // clone-then-overwrite would move 2*|x| + 2*|y|. The map (b, position) -> kept slot j (or -1) costs b*s ints.
+  std::vector<int32_t> slot(static_cast<size_t>(b * s), -1);
+  const int64_t* idx = indices.const_data_ptr<int64_t>();
+  for (int64_t bi = 0; bi < b; ++bi) {
+    for (int64_t j = 0; j < k; ++j) slot[bi * s + idx[bi * k + j]] = static_cast<int32_t>(j);
+  }
+
+  const int64_t row_bytes = h * static_cast<int64_t>(x.element_size());
+  const char* xs = static_cast<const char*>(x.const_data_ptr());
+  const char* ys = static_cast<const char*>(y.const_data_ptr());
+  char* dst = static_cast<char*>(out.mutable_data_ptr());
+  const Layout lay{b, batch_first};
+  at::parallel_for(0, b * s, grain_for(row_bytes), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t bi = batch_first ? r / s : r % b;
+      const int64_t pos = batch_first ? r % s : r / b;
+      const int32_t j = slot[bi * s + pos];
+      const char* src = j < 0 ? xs + r * row_bytes : ys + lay.row(bi, j, k) * row_bytes;
+      std::memcpy(dst + r * row_bytes, src, row_bytes);
+    }
+  });
+  return out;
+}
+
+void sample_sorted_indices_(const at::Tensor& out, int64_t seq_len, uint64_t seed, uint64_t step, uint32_t micro_batch,
+                            uint32_t layer_offset) {
+  const int64_t num_layers = out.size(0), batch = out.size(1), keep = out.size(2);
+  if (out.numel() == 0) return;
+  int64_t* dst = out.mutable_data_ptr<int64_t>();
+
+  std::vector<PhiloxKey> keys(static_cast<size_t>(num_layers));
+  for (int64_t l = 0; l < num_layers; ++l) {
+    keys[l] = row_key(seed, step, micro_batch, static_cast<uint32_t>(layer_offset + static_cast<uint32_t>(l)));
+  }
+  // Each row costs ~seq_len Philox calls plus an O(seq_len) selection: a few rows per task is enough.
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(seq_len, 1));
+  at::parallel_for(0, num_layers * batch, grain, [&](int64_t begin, int64_t end) {
+    std::vector<uint64_t> composite;
+    std::vector<uint8_t> chosen;
+    for (int64_t row = begin; row < end; ++row) {
+      int64_t* out_row = dst + row * keep;
+      if (keep == seq_len) {  // Everything is kept; no hashing needed.
+        for (int64_t j = 0; j < seq_len; ++j) out_row[j] = j;
+        continue;
+      }
+      const PhiloxKey key = keys[row / batch];
+      const uint32_t sample = static_cast<uint32_t>(row % batch);
+      composite.resize(static_cast<size_t>(seq_len));
+      // (h << 32 | j) orders by hash, then position: the (h, j) tie rule of reference.py.
+      for (int64_t j = 0; j < seq_len; ++j) {
+        composite[j] = (static_cast<uint64_t>(position_hash(key, static_cast<uint32_t>(j), sample)) << 32) |
+                       static_cast<uint64_t>(j);
+      }
+      std::nth_element(composite.begin(), composite.begin() + (keep - 1), composite.end());
+      chosen.assign(static_cast<size_t>(seq_len), 0);
+      for (int64_t i = 0; i < keep; ++i) chosen[composite[i] & 0xFFFFFFFFu] = 1;
+      int64_t n = 0;
+      for (int64_t j = 0; j < seq_len && n < keep; ++j) {
+        if (chosen[j]) out_row[n++] = j;
+      }
+    }
+  });
+}
+
+at::Tensor slice_attention_mask(const at::Tensor& mask, const at::Tensor& indices) {
+  const int64_t b = indices.size(0), k = indices.size(1);
+  at::Tensor out = at::empty({b, mask.size(1), k, k}, mask.options());
+  check_index_values(indices, mask.size(2), "slice_attention_mask");
+  if (out.numel() == 0) return out;
+  // A gather of single elements: the element size is all that matters, so 5 instantiations cover every dtype.
+  switch (mask.element_size()) {
+    case 1: slice_mask_impl<uint8_t>(mask, indices, out); break;
+    case 2: slice_mask_impl<uint16_t>(mask, indices, out); break;
+    case 4: slice_mask_impl<uint32_t>(mask, indices, out); break;
+    case 8: slice_mask_impl<uint64_t>(mask, indices, out); break;
+    case 16: slice_mask_impl<Bytes16>(mask, indices, out); break;
+    default: TORCH_CHECK(false, "slice_attention_mask: unsupported element size ", mask.element_size(), " of mask");
+  }
+  return out;
+}
+
+}  // namespace random_ltd::cpu

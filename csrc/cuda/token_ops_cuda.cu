@@ -1,0 +1,411 @@
+// CUDA kernels of the random_ltd ops (mirrors csrc/cpu/token_ops_cpu.cpp). No torch/ATen/c10 include on purpose:
+// see token_ops_cuda.h.
+//
+// gather/scatter are row copies (a row = hidden elements). Copying is bit-exact, so the kernels are templated on
+// the element *size* only (1, 2, 4, 8, 16 bytes); the binding maps every supported dtype to its size. All offsets
+// are int64 (tensors above 2^31 elements work).
+#include "token_ops_cuda.h"
+
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cub/block/block_scan.cuh>
+
+#include "../common/philox.h"
+
+namespace random_ltd::cuda {
+namespace {
+
+// Element types by size; only their bits are moved.
+struct alignas(16) Elem16 {
+  uint64_t lo, hi;
+};
+template <int kBytes> struct ElemOf;
+template <> struct ElemOf<1> { using type = uint8_t; };
+template <> struct ElemOf<2> { using type = uint16_t; };
+template <> struct ElemOf<4> { using type = uint32_t; };
+template <> struct ElemOf<8> { using type = uint64_t; };
+template <> struct ElemOf<16> { using type = Elem16; };
+
+constexpr int kCopyThreads = 256;
+
+int sm_count() {
+  // Cached per device: cudaDeviceGetAttribute is cheap but this runs on every launch.
+  static std::atomic<int> cache[64];  // Zero-initialised (static storage).
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 108;
+  if (dev >= 0 && dev < 64) {
+    int n = cache[dev].load(std::memory_order_relaxed);
+    if (n > 0) return n;
+  }
+  int n = 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) n = 108;
+  if (dev >= 0 && dev < 64) cache[dev].store(n, std::memory_order_relaxed);
+  return n;
+}
+
+// Copies one row of h elements with `group` cooperating lanes using vectors of type V, when src and dst have the
+// same address phase modulo sizeof(V): scalar head up to the V boundary, V body (4 independent loads in flight per
+// lane), scalar tail. Alignment is per row, so any hidden size (1, 7, 4099, ...) works.
+template <typename Elem, typename V>
+__device__ __forceinline__ void copy_row_vec(Elem* __restrict__ dst, const Elem* __restrict__ src, int64_t h,
+                                             int lane, int group) {
+  constexpr int64_t kPer = sizeof(V) / sizeof(Elem);
+  const uintptr_t sa = reinterpret_cast<uintptr_t>(src);
+  int64_t head = static_cast<int64_t>(((sizeof(V) - (sa % sizeof(V))) % sizeof(V)) / sizeof(Elem));
+  if (head > h) head = h;
+  for (int64_t i = lane; i < head; i += group) dst[i] = src[i];
+  const int64_t nvec = (h - head) / kPer;
+  const V* __restrict__ vs = reinterpret_cast<const V*>(src + head);
+  V* __restrict__ vd = reinterpret_cast<V*>(dst + head);
+  int64_t v = lane;
+  for (; v + 3 * group < nvec; v += 4 * group) {
+    const V a = vs[v], b = vs[v + group], c = vs[v + 2 * group], d = vs[v + 3 * group];
+    vd[v] = a;
+    vd[v + group] = b;
+    vd[v + 2 * group] = c;
+    vd[v + 3 * group] = d;
+  }
+  for (; v < nvec; v += group) vd[v] = vs[v];
+  for (int64_t i = head + nvec * kPer + lane; i < h; i += group) dst[i] = src[i];
+}
+
+// Picks the widest vector (16, 8, 4 bytes) for which src and dst share the same alignment phase; the choice depends
+// only on the row, so all lanes of a group take the same branch.
+template <typename Elem>
+__device__ __forceinline__ void copy_row(Elem* __restrict__ dst, const Elem* __restrict__ src, int64_t h, int lane,
+                                         int group) {
+  const uintptr_t phase = reinterpret_cast<uintptr_t>(src) ^ reinterpret_cast<uintptr_t>(dst);
+  if ((phase & 15) == 0) {
+    copy_row_vec<Elem, uint4>(dst, src, h, lane, group);
+    return;
+  }
+  if constexpr (sizeof(Elem) < 8) {
+    if ((phase & 7) == 0) {
+      copy_row_vec<Elem, uint2>(dst, src, h, lane, group);
+      return;
+    }
+  }
+  if constexpr (sizeof(Elem) < 4) {
+    if ((phase & 3) == 0) {
+      copy_row_vec<Elem, uint32_t>(dst, src, h, lane, group);
+      return;
+    }
+  }
+  for (int64_t i = lane; i < h; i += group) dst[i] = src[i];
+}
+
+template <typename Elem>
+__device__ __forceinline__ void zero_row(Elem* dst, int64_t h, int lane, int group) {
+  for (int64_t i = lane; i < h; i += group) dst[i] = Elem{};
+}
+
+// Row (b, pos) of a token tensor with `len` positions per sample, in either layout.
+__device__ __forceinline__ int64_t row_of(int64_t b, int64_t pos, int64_t len, int64_t batch, bool batch_first) {
+  return batch_first ? b * len + pos : pos * batch + b;
+}
+
+// Groups of `group` lanes (a power of two <= 32) each copy one output row; grid-stride over rows, so a capped grid
+// covers any number of rows and short rows still fill the machine.
+template <typename Elem>
+__global__ void __launch_bounds__(kCopyThreads)
+    gather_kernel(const Elem* __restrict__ x, const int64_t* __restrict__ indices, Elem* __restrict__ out,
+                  int64_t batch, int64_t seq_len, int64_t keep, int64_t h, bool batch_first, int group) {
+  const int lane = threadIdx.x & (group - 1);
+  const int64_t groups_per_block = kCopyThreads / group;
+  const int64_t rows = batch * keep;
+  for (int64_t r = blockIdx.x * groups_per_block + threadIdx.x / group; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * groups_per_block) {
+    const int64_t b = batch_first ? r / keep : r % batch;
+    const int64_t j = batch_first ? r % keep : r / batch;
+    const int64_t pos = indices[b * keep + j];
+    if (pos < 0 || pos >= seq_len) {  // Validated in Python; never read out of bounds.
+      zero_row(out + r * h, h, lane, group);
+      continue;
+    }
+    copy_row(out + r * h, x + row_of(b, pos, seq_len, batch, batch_first) * h, h, lane, group);
+  }
+}
+
+__global__ void fill_slot_kernel(const int64_t* __restrict__ indices, int32_t* __restrict__ slot, int64_t batch,
+                                 int64_t seq_len, int64_t keep) {
+  const int64_t n = batch * keep;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = i / keep;
+    const int64_t pos = indices[i];
+    if (pos >= 0 && pos < seq_len) slot[b * seq_len + pos] = static_cast<int32_t>(i % keep);
+  }
+}
+
+// Every output row is written exactly once, from x (dropped position) or from y (kept position): 2*|x| bytes of
+// traffic instead of the 2*|x| + 2*|y| of copy-then-overwrite (up to ~2x less when almost every token is kept).
+template <typename Elem>
+__global__ void __launch_bounds__(kCopyThreads)
+    scatter_kernel(const Elem* __restrict__ x, const Elem* __restrict__ y, const int32_t* __restrict__ slot,
+                   Elem* __restrict__ out, int64_t batch, int64_t seq_len, int64_t keep, int64_t h, bool batch_first,
+                   int group) {
+  const int lane = threadIdx.x & (group - 1);
+  const int64_t groups_per_block = kCopyThreads / group;
+  const int64_t rows = batch * seq_len;
+  for (int64_t r = blockIdx.x * groups_per_block + threadIdx.x / group; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * groups_per_block) {
+    const int64_t b = batch_first ? r / seq_len : r % batch;
+    const int64_t pos = batch_first ? r % seq_len : r / batch;
+    const int32_t j = slot[b * seq_len + pos];
+    const Elem* src = j < 0 ? x + r * h : y + row_of(b, j, keep, batch, batch_first) * h;
+    copy_row(out + r * h, src, h, lane, group);
+  }
+}
+
+// Lanes per row: enough for ~2 16-byte vectors per lane, a power of two in [1, 32].
+int lanes_per_row(int64_t row_bytes) {
+  const int64_t vecs = (row_bytes + 15) / 16;
+  int g = 1;
+  while (g < 32 && 2 * g < vecs) g *= 2;
+  return g;
+}
+
+int copy_grid(int64_t rows, int group) {
+  const int64_t per_block = kCopyThreads / group;
+  const int64_t needed = (rows + per_block - 1) / per_block;
+  // 8 resident blocks of 256 threads per SM, 4 waves: enough loads in flight, grid-stride does the rest.
+  const int64_t cap = static_cast<int64_t>(sm_count()) * 32;
+  return static_cast<int>(needed < cap ? needed : cap);
+}
+
+template <int kBytes>
+cudaError_t launch_gather(const void* x, const int64_t* indices, void* out, int64_t batch, int64_t seq_len,
+                          int64_t keep, int64_t hidden, bool batch_first, cudaStream_t stream) {
+  using Elem = typename ElemOf<kBytes>::type;
+  const int group = lanes_per_row(hidden * kBytes);
+  gather_kernel<Elem><<<copy_grid(batch * keep, group), kCopyThreads, 0, stream>>>(
+      static_cast<const Elem*>(x), indices, static_cast<Elem*>(out), batch, seq_len, keep, hidden, batch_first, group);
+  return cudaGetLastError();
+}
+
+template <int kBytes>
+cudaError_t launch_scatter(const void* x, const void* y, const int32_t* slot, void* out, int64_t batch,
+                           int64_t seq_len, int64_t keep, int64_t hidden, bool batch_first, cudaStream_t stream) {
+  using Elem = typename ElemOf<kBytes>::type;
+  const int group = lanes_per_row(hidden * kBytes);
+  scatter_kernel<Elem><<<copy_grid(batch * seq_len, group), kCopyThreads, 0, stream>>>(
+      static_cast<const Elem*>(x), static_cast<const Elem*>(y), slot, static_cast<Elem*>(out), batch, seq_len, keep,
+      hidden, batch_first, group);
+  return cudaGetLastError();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Fused sampler: one block per (layer, sample) row.
+//
+// 1. Radix select over the 32-bit hashes, 8 bits per pass from the top (4 passes, a 256-bin shared histogram,
+//    hashes recomputed each pass: Philox is a few dozen integer ops). It yields the keep-th smallest hash h* and
+//    need_eq = how many positions with hash == h* are kept (keep - #{h < h*}).
+// 2. One ordered pass over positions in chunks (cub::BlockScan, blocked arrangement so thread order = position
+//    order) emitting every j with h < h* and the first need_eq positions with h == h*: exactly the keep smallest
+//    (h, j) pairs in ascending j, the reference's tie rule. Shared memory does not depend on seq_len.
+constexpr int kSampleThreads = 512;
+constexpr int kSampleItems = 4;
+static_assert(kSampleThreads >= 256, "one histogram bin per thread in the bucket search");
+
+__global__ void __launch_bounds__(kSampleThreads)
+    sample_kernel(int64_t* __restrict__ out, int64_t rows, int64_t batch, int64_t keep, int64_t seq_len, uint64_t seed,
+                  uint64_t step, uint32_t micro_batch, uint32_t layer_offset) {
+  using HistScan = cub::BlockScan<uint32_t, kSampleThreads>;
+  // Flags packed as (#equal << 32) | #less: one 64-bit scan counts both (each count < 2^31, no carry).
+  using EmitScan = cub::BlockScan<unsigned long long, kSampleThreads>;
+  __shared__ union {
+    typename HistScan::TempStorage hist;
+    typename EmitScan::TempStorage emit;
+  } scan_storage;
+  __shared__ uint32_t hist[256];
+  __shared__ uint32_t s_prefix, s_rank;
+  const int tid = threadIdx.x;
+
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    int64_t* out_row = out + row * keep;
+    if (keep == seq_len) {  // Everything is kept (uniform branch).
+      for (int64_t j = tid; j < seq_len; j += kSampleThreads) out_row[j] = j;
+      continue;
+    }
+    const uint32_t sample = static_cast<uint32_t>(row % batch);
+    const PhiloxKey key = row_key(seed, step, micro_batch, layer_offset + static_cast<uint32_t>(row / batch));
+
+    uint32_t prefix = 0;                            // High bits of h* fixed so far.
+    uint32_t rank = static_cast<uint32_t>(keep);    // 1-based rank of h* among hashes matching `prefix`.
+    for (int pass = 0; pass < 4; ++pass) {
+      const int shift = 24 - 8 * pass;
+      const uint32_t high_mask = pass == 0 ? 0u : (0xFFFFFFFFu << (shift + 8));
+      if (tid < 256) hist[tid] = 0;
+      __syncthreads();
+      for (int64_t j = tid; j < seq_len; j += kSampleThreads) {
+        const uint32_t h = position_hash(key, static_cast<uint32_t>(j), sample);
+        if ((h & high_mask) == prefix) atomicAdd(&hist[(h >> shift) & 255u], 1u);
+      }
+      __syncthreads();
+      const uint32_t count = tid < 256 ? hist[tid] : 0u;
+      uint32_t inclusive;
+      HistScan(scan_storage.hist).InclusiveSum(count, inclusive);
+      // Exactly one bin holds the rank-th candidate.
+      if (tid < 256 && inclusive >= rank && inclusive - count < rank) {
+        s_prefix = prefix | (static_cast<uint32_t>(tid) << shift);
+        s_rank = rank - (inclusive - count);
+      }
+      __syncthreads();
+      prefix = s_prefix;
+      rank = s_rank;
+      __syncthreads();  // s_prefix, hist and the scan storage are reused next pass.
+    }
+    const uint32_t threshold = prefix;
+    const unsigned long long need_eq = rank;
+
+    unsigned long long running = 0;  // Packed counts of all earlier chunks.
+    for (int64_t base = 0; base < seq_len; base += static_cast<int64_t>(kSampleThreads) * kSampleItems) {
+      unsigned long long flags[kSampleItems];
+      unsigned long long before[kSampleItems];
+#pragma unroll
+      for (int i = 0; i < kSampleItems; ++i) {
+        const int64_t j = base + static_cast<int64_t>(tid) * kSampleItems + i;
+        flags[i] = 0;
+        if (j < seq_len) {
+          const uint32_t h = position_hash(key, static_cast<uint32_t>(j), sample);
+          flags[i] = h < threshold ? 1ull : (h == threshold ? (1ull << 32) : 0ull);
+        }
+      }
+      unsigned long long aggregate;
+      EmitScan(scan_storage.emit).ExclusiveSum(flags, before, aggregate);
+#pragma unroll
+      for (int i = 0; i < kSampleItems; ++i) {
+        if (!flags[i]) continue;
+        const int64_t j = base + static_cast<int64_t>(tid) * kSampleItems + i;
+        const unsigned long long prior = running + before[i];
+        const unsigned long long less_before = prior & 0xFFFFFFFFull;
+        const unsigned long long eq_before = prior >> 32;
+        if (flags[i] == 1ull) {
+          out_row[less_before + (eq_before < need_eq ? eq_before : need_eq)] = j;
+        } else if (eq_before < need_eq) {
+          out_row[less_before + eq_before] = j;
+        }
+      }
+      running += aggregate;
+      __syncthreads();  // Scan storage reuse.
+      const unsigned long long eq_total = running >> 32;
+      // All `keep` written (every thread sees the same aggregate, so the exit is uniform).
+      if ((running & 0xFFFFFFFFull) + (eq_total < need_eq ? eq_total : need_eq) == static_cast<uint64_t>(keep)) break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// slice_attention_mask: one thread per output element, grid-stride, int64 indexing, strided mask reads.
+template <typename Elem>
+__global__ void slice_mask_kernel(const Elem* __restrict__ mask, const int64_t* __restrict__ indices,
+                                  Elem* __restrict__ out, int64_t batch, int64_t heads, int64_t seq_len, int64_t keep,
+                                  bool broadcast, int64_t st0, int64_t st1, int64_t st2, int64_t st3) {
+  const int64_t n = batch * heads * keep * keep;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t q = e % keep;
+    const int64_t p = (e / keep) % keep;
+    const int64_t hh = (e / (keep * keep)) % heads;
+    const int64_t i = e / (keep * keep * heads);
+    const int64_t rp = indices[i * keep + p];
+    const int64_t cq = indices[i * keep + q];
+    if (rp < 0 || rp >= seq_len || cq < 0 || cq >= seq_len) {  // Validated in Python; never read out of bounds.
+      out[e] = Elem{};
+      continue;
+    }
+    out[e] = mask[(broadcast ? 0 : i * st0) + hh * st1 + rp * st2 + cq * st3];
+  }
+}
+
+int elementwise_grid(int64_t n, int threads) {
+  const int64_t needed = (n + threads - 1) / threads;
+  const int64_t cap = static_cast<int64_t>(sm_count()) * 32;
+  return static_cast<int>(needed < cap ? needed : cap);
+}
+
+template <int kBytes>
+cudaError_t launch_slice_mask(const void* mask, const int64_t* indices, void* out, int64_t batch, bool broadcast,
+                              int64_t heads, int64_t seq_len, int64_t keep, const int64_t* st, cudaStream_t stream) {
+  using Elem = typename ElemOf<kBytes>::type;
+  constexpr int kThreads = 256;
+  const int64_t n = batch * heads * keep * keep;
+  slice_mask_kernel<Elem><<<elementwise_grid(n, kThreads), kThreads, 0, stream>>>(
+      static_cast<const Elem*>(mask), indices, static_cast<Elem*>(out), batch, heads, seq_len, keep, broadcast, st[0],
+      st[1], st[2], st[3]);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t gather_tokens(const void* x, const int64_t* indices, void* out, int64_t batch, int64_t seq_len,
+                          int64_t keep, int64_t hidden, int64_t elem_size, bool batch_first, cudaStream_t stream) {
+  if (batch * keep * hidden == 0) return cudaSuccess;
+  switch (elem_size) {
+    case 1: return launch_gather<1>(x, indices, out, batch, seq_len, keep, hidden, batch_first, stream);
+    case 2: return launch_gather<2>(x, indices, out, batch, seq_len, keep, hidden, batch_first, stream);
+    case 4: return launch_gather<4>(x, indices, out, batch, seq_len, keep, hidden, batch_first, stream);
+    case 8: return launch_gather<8>(x, indices, out, batch, seq_len, keep, hidden, batch_first, stream);
+    case 16: return launch_gather<16>(x, indices, out, batch, seq_len, keep, hidden, batch_first, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t scatter_tokens(const void* x, const void* y, const int64_t* indices, void* out, int32_t* slot_workspace,
+                           int64_t batch, int64_t seq_len, int64_t keep, int64_t hidden, int64_t elem_size,
+                           bool batch_first, cudaStream_t stream) {
+  if (batch * seq_len * hidden == 0) return cudaSuccess;
+  if (elem_size != 1 && elem_size != 2 && elem_size != 4 && elem_size != 8 && elem_size != 16) {
+    return cudaErrorInvalidValue;
+  }
+  // slot[b, pos] = -1 (all bytes 0xFF), then the kept slot j for each index.
+  cudaError_t err = cudaMemsetAsync(slot_workspace, 0xFF, static_cast<size_t>(batch * seq_len) * sizeof(int32_t),
+                                    stream);
+  if (err != cudaSuccess) return err;
+  if (batch * keep > 0) {
+    constexpr int kThreads = 256;
+    fill_slot_kernel<<<elementwise_grid(batch * keep, kThreads), kThreads, 0, stream>>>(indices, slot_workspace,
+                                                                                        batch, seq_len, keep);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  switch (elem_size) {
+    case 1: return launch_scatter<1>(x, y, slot_workspace, out, batch, seq_len, keep, hidden, batch_first, stream);
+    case 2: return launch_scatter<2>(x, y, slot_workspace, out, batch, seq_len, keep, hidden, batch_first, stream);
+    case 4: return launch_scatter<4>(x, y, slot_workspace, out, batch, seq_len, keep, hidden, batch_first, stream);
+    case 8: return launch_scatter<8>(x, y, slot_workspace, out, batch, seq_len, keep, hidden, batch_first, stream);
+    default: return launch_scatter<16>(x, y, slot_workspace, out, batch, seq_len, keep, hidden, batch_first, stream);
+  }
+}
+
+cudaError_t sample_sorted_indices(int64_t* out, int64_t num_layers, int64_t batch, int64_t keep, int64_t seq_len,
+                                  uint64_t seed, uint64_t step, uint32_t micro_batch, uint32_t layer_offset,
+                                  cudaStream_t stream) {
+  const int64_t rows = num_layers * batch;
+  if (rows == 0 || keep == 0) return cudaSuccess;
+  if (keep > seq_len || seq_len > INT32_MAX) return cudaErrorInvalidValue;
+  const int grid = static_cast<int>(rows < INT32_MAX ? rows : INT32_MAX);
+  sample_kernel<<<grid, kSampleThreads, 0, stream>>>(out, rows, batch, keep, seq_len, seed, step, micro_batch,
+                                                     layer_offset);
+  return cudaGetLastError();
+}
+
+cudaError_t slice_attention_mask(const void* mask, const int64_t* indices, void* out, int64_t batch,
+                                 int64_t mask_batch, int64_t heads, int64_t seq_len, int64_t keep,
+                                 const int64_t* mask_strides, int64_t elem_size, cudaStream_t stream) {
+  if (batch * heads * keep == 0) return cudaSuccess;
+  const bool broadcast = mask_batch == 1;
+  switch (elem_size) {
+    case 1: return launch_slice_mask<1>(mask, indices, out, batch, broadcast, heads, seq_len, keep, mask_strides, stream);
+    case 2: return launch_slice_mask<2>(mask, indices, out, batch, broadcast, heads, seq_len, keep, mask_strides, stream);
+    case 4: return launch_slice_mask<4>(mask, indices, out, batch, broadcast, heads, seq_len, keep, mask_strides, stream);
+    case 8: return launch_slice_mask<8>(mask, indices, out, batch, broadcast, heads, seq_len, keep, mask_strides, stream);
+    case 16:
+      return launch_slice_mask<16>(mask, indices, out, batch, broadcast, heads, seq_len, keep, mask_strides, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace random_ltd::cuda
