@@ -1,0 +1,154 @@
+"""``convert_to_random_ltd``: find a model's transformer layers by object and index, and wrap the middle ones."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from random_ltd.layers.random_ltd_layer import (
+    DEFAULT_MASK_NAMES,
+    RandomLTDLayer,
+    RandomLTDLayerOptions,
+    wrap_layer,
+)
+from random_ltd.layers.state import RandomLTDState
+
+if TYPE_CHECKING:
+    from random_ltd.config import RandomLTDConfig
+
+__all__ = ["convert_to_random_ltd", "find_layers", "get_random_ltd_state"]
+
+LayerSpec = type | tuple[type, ...] | Sequence[nn.Module] | nn.ModuleList | None
+
+
+def _wrapper_types() -> tuple[type, ...]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    types: tuple[type, ...] = (DistributedDataParallel,)
+    try:
+        from deepspeed.runtime.engine import DeepSpeedEngine
+    except ImportError:
+        return types
+    return (*types, DeepSpeedEngine)
+
+
+def _unwrap_engine(model: Any) -> nn.Module:
+    """A DeepSpeed engine (or DDP) holds the user's model in ``.module``; that model is what we convert."""
+    wrappers = _wrapper_types()
+    while isinstance(model, wrappers):
+        model = model.module
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module or a DeepSpeed engine, got {type(model).__name__}")
+    return model
+
+
+def _base_class(module: nn.Module) -> type:
+    """A module's class before random-LTD wrapping."""
+    return next(c for c in type(module).__mro__ if not issubclass(c, RandomLTDLayer))
+
+
+def find_layers(model: nn.Module, layers: LayerSpec = None) -> list[nn.Module]:
+    """The ordered transformer layers of ``model``.
+
+    ``layers`` may be a layer class (or tuple of classes): every instance in module order; an explicit sequence of
+    modules; or None: the longest ``nn.ModuleList`` whose children all share one class (``h``, ``layers``, ...).
+    """
+    if isinstance(layers, type) or (isinstance(layers, tuple) and layers and all(isinstance(c, type) for c in layers)):
+        found = [m for m in model.modules() if isinstance(m, layers)]
+        if not found:
+            names = layers.__name__ if isinstance(layers, type) else [c.__name__ for c in layers]
+            raise ValueError(f"layers: no module of class {names} in {type(model).__name__}")
+        return found
+    if layers is not None:
+        found = list(layers)
+        if not all(isinstance(m, nn.Module) for m in found):
+            raise TypeError("layers must be a layer class, a tuple of classes, or a sequence of nn.Module layers")
+        return found
+    best: list[nn.Module] = []
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > len(best) and len({_base_class(c) for c in m}) == 1:
+            best = list(m)
+    if not best:
+        raise ValueError(f"layers: could not find the transformer layers of {type(model).__name__} "
+                         "(no nn.ModuleList of one layer class); pass the layer class or the layers")
+    return best
+
+
+def get_random_ltd_state(model: Any) -> RandomLTDState | None:
+    """The state shared by the wrapped layers of ``model`` (None if nothing is wrapped)."""
+    for m in _unwrap_engine(model).modules():
+        if isinstance(m, RandomLTDLayer):
+            return m.random_ltd_state
+    return None
+
+
+def _micro_batch_hook(state: RandomLTDState):
+    def hook(module: nn.Module, args: Any) -> None:
+        if module.training:
+            state.begin_micro_batch()
+
+    return hook
+
+
+def convert_to_random_ltd(
+    model: Any,
+    layers: LayerSpec = None,
+    config: RandomLTDConfig | dict | None = None,
+    *,
+    layer_ids: Sequence[int] | None = None,
+    data_parallel_rank: int | None = None,
+) -> RandomLTDState:
+    """Wrap the random-LTD layers of ``model`` in place and return their shared ``RandomLTDState``.
+
+    Works on a plain model before or after ``deepspeed.initialize`` (an engine is unwrapped to its module) and after
+    a checkpoint load; state-dict keys do not change. Layers are identified by object and index, never by name.
+
+    Args:
+        model: the model, or a DeepSpeed engine holding it.
+        layers: which modules are the transformer layers (see ``find_layers``); default: auto-detected.
+        config: a ``RandomLTDConfig``, or a DeepSpeed config dict containing the random-LTD block; default: the
+            paper's defaults (every layer but the first and the last, ``[s, b, h]`` hidden states).
+        layer_ids: override which layer indices are wrapped.
+        data_parallel_rank: folded into the seed so that data-parallel replicas drop different tokens
+            (default: ``torch.distributed`` rank when initialised, else 0).
+
+    Raises:
+        ValueError: layer ids out of range, or a config whose ``total_layer_num`` disagrees with the model.
+    """
+    from random_ltd.config import RandomLTDConfig
+
+    root = _unwrap_engine(model)
+    if config is None:
+        config = RandomLTDConfig()
+    elif isinstance(config, dict):
+        config = RandomLTDConfig.from_deepspeed(config) if "data_efficiency" in config else \
+            RandomLTDConfig.model_validate(config)
+    found = find_layers(root, layers)
+    total = len(found)
+    if config.total_layer_num is not None and config.total_layer_num != total:
+        raise ValueError(f"data_efficiency.data_routing.random_ltd.total_layer_num: {config.total_layer_num} != "
+                         f"{total} layers found in {type(root).__name__}")
+    if layer_ids is None:
+        layer_ids = config.random_ltd_layer_id if config.random_ltd_layer_id else range(1, total - 1)
+    ids = sorted(set(layer_ids))
+    bad = [i for i in ids if not 0 <= i < total]
+    if bad:
+        raise ValueError(f"layer_ids: {bad} out of range [0, {total})")
+
+    state = get_random_ltd_state(root)
+    if state is None:
+        if data_parallel_rank is None:
+            import torch.distributed as dist
+
+            data_parallel_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        state = RandomLTDState(seed=config.seed, data_parallel_rank=data_parallel_rank, total_layers=total)
+        root.register_forward_pre_hook(_micro_batch_hook(state))
+    mask_names = tuple(dict.fromkeys(((config.model_mask_name,) if config.model_mask_name else ()) +
+                                     DEFAULT_MASK_NAMES))
+    for i in ids:
+        opts = RandomLTDLayerOptions(layer_id=i, batch_first=config.hidden_state_order == "batch_seq_dim",
+                                     mask_names=mask_names)
+        wrap_layer(found[i], state, opts)
+    return state

@@ -1,0 +1,144 @@
+"""Wrap any transformer layer so that, in training, it runs on a random sorted subset of the tokens.
+
+Wrapping changes the layer object's class in place to a subclass of both ``RandomLTDLayer`` and its own class. The
+layer keeps its parameters, its state-dict keys, ``isinstance`` checks against its class (megatron-core's recompute
+relies on them) and its place in the model; ``unwrap_random_ltd`` restores the original class.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from random_ltd.layers.state import RandomLTDState
+from random_ltd.ops import gather_positions, gather_tokens, scatter_tokens, slice_attention_mask
+
+__all__ = ["RandomLTDLayer", "RandomLTDLayerOptions", "wrap_layer", "unwrap_random_ltd", "DEFAULT_POSITION_NAMES"]
+
+#: keyword names whose values are per-token positions (gathered with the kept indices)
+DEFAULT_POSITION_NAMES = ("position_ids", "rotary_pos_emb", "position_embeddings", "cache_position")
+#: keyword names whose values are attention/padding masks (sliced on both token axes)
+DEFAULT_MASK_NAMES = ("attention_mask", "padding_mask")
+
+
+@dataclass
+class RandomLTDLayerOptions:
+    """How a wrapped layer finds its inputs.
+
+    Attributes:
+        layer_id: global index of the layer (0-based); keys its indices and its kept length.
+        batch_first: hidden states are ``[b, s, h]`` (DeepSpeed ``batch_seq_dim``) instead of ``[s, b, h]``.
+        hidden_name: name of the hidden-states parameter when it is passed by keyword.
+        mask_names: parameters holding masks, sliced with ``slice_attention_mask`` whether passed by keyword or by
+            position (DeepSpeed's ``model_mask_name`` goes here).
+        position_names: parameters holding positions or rotary tables, gathered with ``gather_positions``.
+    """
+
+    layer_id: int
+    batch_first: bool = False
+    hidden_name: str = "hidden_states"
+    mask_names: tuple[str, ...] = DEFAULT_MASK_NAMES
+    position_names: tuple[str, ...] = DEFAULT_POSITION_NAMES
+    _positional: dict[str, int] = field(default_factory=dict, repr=False)
+
+
+class RandomLTDLayer(nn.Module):
+    """Mixin placed in front of a layer's class by ``wrap_layer``.
+
+    Training forward: draw sorted indices ``[b, k]`` for this layer and micro-batch, gather the hidden states, slice
+    the masks and gather the positions, run the original forward on ``k`` tokens, and scatter its output back into
+    the full sequence: dropped tokens pass through unchanged. In eval mode, or when ``k >= s``, the original forward
+    runs untouched, so outputs are bitwise those of the unwrapped layer.
+    """
+
+    random_ltd_options: RandomLTDLayerOptions
+    random_ltd_state: RandomLTDState
+
+    def forward(self, *args, **kwargs):
+        inner = super().forward
+        opts = self.random_ltd_options
+        if not self.training:
+            return inner(*args, **kwargs)
+        args = list(args)
+        hidden = args[0] if args else kwargs[opts.hidden_name]
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            raise ValueError(f"random-LTD layer {opts.layer_id}: hidden states must be a 3-D tensor "
+                             f"({'[b, s, h]' if opts.batch_first else '[s, b, h]'}), got {type(hidden).__name__}"
+                             f"{list(hidden.shape) if isinstance(hidden, torch.Tensor) else ''}")
+        batch, seq_len = (hidden.shape[0], hidden.shape[1]) if opts.batch_first else (hidden.shape[1], hidden.shape[0])
+        state = self.random_ltd_state
+        keep = state.kept_length(opts.layer_id, seq_len)
+        state.record(opts.layer_id, batch, seq_len, keep)
+        if keep >= seq_len:
+            return inner(*args, **kwargs)
+
+        idx = state.indices(opts.layer_id, batch, seq_len, keep, hidden.device)
+        kept = gather_tokens(hidden, idx, batch_first=opts.batch_first, check_indices=False)
+        if args:
+            args[0] = kept
+        else:
+            kwargs[opts.hidden_name] = kept
+        for names, fn in ((opts.mask_names, slice_attention_mask), (opts.position_names, gather_positions)):
+            for name in names:
+                if name in kwargs:
+                    kwargs[name] = fn(kwargs[name], idx)
+                elif name in opts._positional and opts._positional[name] < len(args):
+                    pos = opts._positional[name]
+                    args[pos] = fn(args[pos], idx)
+
+        out = inner(*args, **kwargs)
+        first = out if isinstance(out, torch.Tensor) else out[0]
+        # Under autocast a layer may return another dtype; the result then has the layer's dtype, as unwrapped.
+        full = scatter_tokens(hidden.to(first.dtype), first, idx, batch_first=opts.batch_first, check_indices=False)
+        if isinstance(out, torch.Tensor):
+            return full
+        return type(out)((full, *out[1:])) if isinstance(out, tuple) else [full, *out[1:]]
+
+
+def _positional_indices(layer: nn.Module, names: Iterable[str]) -> dict[str, int]:
+    """Position of each named parameter in ``forward``'s signature, to find masks passed positionally."""
+    try:
+        params = list(inspect.signature(type(layer).forward).parameters.values())[1:]  # drop self
+    except (TypeError, ValueError):
+        return {}
+    out = {}
+    for i, p in enumerate(params):
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name in names:
+            out[p.name] = i
+    return out
+
+
+_CLASS_CACHE: dict[type, type] = {}
+
+
+def _wrapped_class(cls: type) -> type:
+    if issubclass(cls, RandomLTDLayer):
+        return cls
+    if cls not in _CLASS_CACHE:
+        # Defined at module level through a cache so that every wrapped GPT2Block shares one class.
+        _CLASS_CACHE[cls] = type(f"RandomLTD{cls.__name__}", (RandomLTDLayer, cls), {"__module__": cls.__module__})
+    return _CLASS_CACHE[cls]
+
+
+def wrap_layer(layer: nn.Module, state: RandomLTDState, options: RandomLTDLayerOptions) -> nn.Module:
+    """Turn ``layer`` (in place) into a random-LTD layer sharing ``state``; returns the same object."""
+    if not isinstance(layer, nn.Module):
+        raise TypeError(f"layer must be an nn.Module, got {type(layer).__name__}")
+    options._positional = _positional_indices(layer, (*options.mask_names, *options.position_names))
+    layer.__class__ = _wrapped_class(type(layer))
+    layer.random_ltd_options = options
+    layer.random_ltd_state = state
+    return layer
+
+
+def unwrap_random_ltd(layers: Sequence[nn.Module] | nn.Module) -> None:
+    """Restore the original classes of wrapped layers (the modules in ``layers``, or every one under a model)."""
+    modules = layers.modules() if isinstance(layers, nn.Module) else layers
+    for m in list(modules):
+        if isinstance(m, RandomLTDLayer):
+            m.__class__ = next(c for c in type(m).__mro__ if not issubclass(c, RandomLTDLayer))
+            del m.random_ltd_options, m.random_ltd_state
