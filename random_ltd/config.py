@@ -1,0 +1,782 @@
+"""Typed, validated random-LTD configuration, drop-in compatible with DeepSpeed's JSON block.
+
+DeepSpeed (0.19.8) reads ``data_efficiency.data_routing.random_ltd`` as an untyped dict: no defaults, no type
+checks, parent ``enabled`` flags ignored, a missing key fails with ``KeyError`` deep inside training. This module
+parses exactly the same block into pydantic models and fails early with a :class:`ConfigError` whose message holds
+the full key path, the bad value and what is allowed, e.g.::
+
+    data_efficiency.data_routing.random_ltd.random_ltd_schedule.min_value: 4096 > max_value 2048 (...)
+
+A config written for DeepSpeed's random-LTD loads unchanged. Differences from DeepSpeed, on purpose:
+
+* ``enabled`` is true only if ``data_efficiency.enabled``, ``data_efficiency.data_routing.enabled`` (both default
+  false, as in DeepSpeed's constants.py) and ``random_ltd.enabled`` are all true. DeepSpeed 0.19.8 only looks at
+  ``random_ltd.enabled``; when the flags disagree we disable random-LTD and warn.
+* Unknown keys are errors (DeepSpeed silently ignores typos such as ``require_step``). The keys DeepSpeed's engine
+  injects into its own parsed copy (``global_batch_size``, ``micro_batch_size``) are not user keys and are rejected.
+* When the block is disabled nothing else is required, but whatever is present is still type-checked.
+
+Extensions (all optional; a DeepSpeed config never needs them):
+
+====================================================  ===========================================================
+Key (relative to ``...random_ltd``)                   Meaning
+====================================================  ===========================================================
+``random_ltd_schedule.schedule_type``                 ``"fixed_linear"`` (DeepSpeed: by optimizer step),
+                                                      ``"fixed_linear_tokens"`` (by consumed training tokens) or
+                                                      ``"constant"`` (kept length fixed at ``min_value``).
+``random_ltd_schedule.schedule_config.require_tokens``  ``fixed_linear_tokens`` only: training tokens after which
+                                                      the full ``max_value`` is kept (paper GPT recipe: 210e9).
+``layer_keep_ratios``                                 ``{layer_id: ratio in (0, 1]}``: that layer keeps
+                                                      ``max(1, floor(ratio * scheduled_kept))`` tokens.
+``seed``                                              Base seed for index sampling (default: ``data_efficiency.seed``
+                                                      if given, else 1234, DeepSpeed's data-efficiency default).
+``layer_token_lr_schedule.decay_type``                ``"cosine"`` (default), ``"linear"`` or ``"constant"``.
+``layer_token_lr_schedule.min_lr``                    LR reached at ``total_layer_tokens`` (default 0).
+top-level ``scheduler: {"type": "LayerTokenLR",``     The same LayerToken LR fields (+ optional peak ``lr``) in
+``"params": {...}}``                                  DeepSpeed's scheduler-block form; see
+                                                      :func:`layer_token_lr_config_from_deepspeed`.
+====================================================  ===========================================================
+
+Defaults where DeepSpeed has none follow the paper: ``min_value`` 128, ``seq_per_step`` 16, ``schedule_type``
+``fixed_linear``, ``random_ltd_layer_id`` = all but the first and last layer (``1 .. L-2``), ``random_ltd_layer_num``
+= ``len(random_ltd_layer_id)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
+
+__all__ = [
+    "RANDOM_LTD_PATH",
+    "ConfigError",
+    "ConfigIssue",
+    "LayerTokenLRConfig",
+    "LayerTokenLRSchedule",
+    "RandomLTDConfig",
+    "ScheduleConfig",
+    "ScheduleParams",
+    "layer_token_lr_config_from_deepspeed",
+]
+
+RANDOM_LTD_PATH = "data_efficiency.data_routing.random_ltd"
+"""Dotted key path of the random-LTD block inside a DeepSpeed config."""
+
+SCHEDULER_PARAMS_PATH = "scheduler.params"
+"""Dotted key path of the LayerToken LR parameters in the DeepSpeed ``scheduler`` block form."""
+
+LAYER_TOKEN_LR_SCHEDULER_TYPE = "LayerTokenLR"
+"""Value of ``scheduler.type`` that selects LayerToken LR in a DeepSpeed config."""
+
+# DeepSpeed's data_pipeline/constants.py defaults.
+_DATA_EFFICIENCY_ENABLED_DEFAULT = False
+_DATA_ROUTING_ENABLED_DEFAULT = False
+_DATA_EFFICIENCY_SEED_DEFAULT = 1234
+
+_KEY_HINTS = {
+    "global_batch_size": "DeepSpeed's engine injects it into its own parsed copy; pass the batch size to the "
+    "schedule instead",
+    "micro_batch_size": "DeepSpeed's engine injects it into its own parsed copy; do not write it in the config",
+}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One problem in a config: full dotted key path and a message saying what is wrong and what is allowed."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class ConfigError(ValueError):
+    """Invalid random-LTD / LayerToken LR configuration.
+
+    ``str(err)`` holds every issue as ``<full.dotted.key.path>: <bad value and what is allowed>``; ``err.issues``
+    has them as :class:`ConfigIssue` objects.
+    """
+
+    def __init__(self, issues: list[ConfigIssue] | str) -> None:
+        if isinstance(issues, str):
+            issues = [ConfigIssue(path="", message=issues)]
+        self.issues: list[ConfigIssue] = list(issues)
+        if len(self.issues) == 1:
+            text = str(self.issues[0]) if self.issues[0].path else self.issues[0].message
+        else:
+            text = f"{len(self.issues)} config errors:\n" + "\n".join(f"  {issue}" for issue in self.issues)
+        super().__init__(text)
+
+    @classmethod
+    def from_validation_error(cls, exc: ValidationError, prefix: str) -> ConfigError:
+        """Convert a pydantic ``ValidationError`` into a ConfigError whose paths start with ``prefix``."""
+        issues: list[ConfigIssue] = []
+        for err in exc.errors():
+            loc = list(err.get("loc", ()))
+            cause = (err.get("ctx") or {}).get("error")
+            if isinstance(cause, _FieldIssues):
+                for field, message in cause.items:
+                    issues.append(ConfigIssue(_join_path(prefix, [*loc, *field.split(".")]), message))
+                continue
+            if err["type"] == "missing":
+                message = "required key is missing"
+            elif isinstance(cause, ValueError):
+                message = str(cause)
+            else:
+                message = f"{err['msg']} (got {err.get('input')!r})"
+            issues.append(ConfigIssue(_join_path(prefix, loc), message))
+        return cls(issues)
+
+
+class _FieldIssues(ValueError):
+    """Raised inside validators to report problems at sub-paths (relative to the validated model)."""
+
+    def __init__(self, *items: tuple[str, str]) -> None:
+        self.items = list(items)
+        super().__init__("; ".join(f"{field}: {message}" for field, message in items))
+
+
+def _join_path(prefix: str, loc: list[Any]) -> str:
+    """Dotted path ``prefix.a.b[3]`` from a pydantic ``loc``."""
+    path = prefix
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part == "[key]":
+            path += " (key)"
+        elif part:
+            path = f"{path}.{part}" if path else str(part)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Scalar types
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _as_int(value: Any) -> Any:
+    """Accept ints and integral floats (JSON ``2e6``); reject bools and strings, which DeepSpeed would mis-handle."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer, got boolean {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise ValueError(f"expected an integer, got {type(value).__name__} {value!r}")
+
+
+def _as_layer_key(value: Any) -> Any:
+    """Layer-id dict keys: ints, or decimal strings (JSON object keys are always strings)."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return _as_int(value)
+
+
+def _as_real(value: Any) -> Any:
+    """Accept finite ints/floats; reject bools, strings, nan and inf."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return float(value)
+
+
+Int = Annotated[int, BeforeValidator(_as_int)]
+LayerKey = Annotated[int, BeforeValidator(_as_layer_key)]
+Real = Annotated[float, BeforeValidator(_as_real)]
+KeepRatio = Annotated[Real, Field(gt=0.0, le=1.0)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Base model
+# --------------------------------------------------------------------------------------------------------------------
+
+
+_VALIDATION_DEPTH: contextvars.ContextVar[int] = contextvars.ContextVar("random_ltd_config_depth", default=0)
+
+
+@contextlib.contextmanager
+def _converting_errors(prefix: str) -> Iterator[None]:
+    """Turn a pydantic ValidationError into ConfigError, only at the outermost call.
+
+    Models with a custom ``__init__`` are validated through it even when nested, and pydantic merges a nested
+    ValidationError into the parent's with the right location; converting there would lose that, so nested calls
+    pass ValidationError through untouched.
+    """
+    depth = _VALIDATION_DEPTH.get()
+    token = _VALIDATION_DEPTH.set(depth + 1)
+    try:
+        yield
+    except ValidationError as exc:
+        if depth:
+            raise
+        raise ConfigError.from_validation_error(exc, prefix) from None
+    finally:
+        _VALIDATION_DEPTH.reset(token)
+
+
+class _Block(BaseModel):
+    """Frozen, extra="forbid" base that converts validation failures into :class:`ConfigError`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=False)
+
+    _path: ClassVar[str] = RANDOM_LTD_PATH
+
+    def __init__(self, **data: Any) -> None:
+        with _converting_errors(type(self)._path):
+            super().__init__(**data)
+
+    @classmethod
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: D102 - same as pydantic's
+        with _converting_errors(cls._path):
+            return super().model_validate(obj, *args, **kwargs)
+
+    @classmethod
+    def model_validate_json(cls, json_data: str | bytes | bytearray, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        with _converting_errors(cls._path):
+            return super().model_validate_json(json_data, *args, **kwargs)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        """Unknown keys are errors naming the key and listing the allowed ones (DeepSpeed ignores typos)."""
+        if isinstance(data, dict):
+            allowed = list(cls.model_fields)
+            problems = []
+            for key in data:
+                if key not in cls.model_fields:
+                    hint = f" ({_KEY_HINTS[key]})" if key in _KEY_HINTS else ""
+                    problems.append((str(key), f"unknown key {key!r}{hint}; allowed keys: {', '.join(allowed)}"))
+            if problems:
+                raise _FieldIssues(*problems)
+        return data
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# random_ltd_schedule
+# --------------------------------------------------------------------------------------------------------------------
+
+ScheduleType = Literal["fixed_linear", "fixed_linear_tokens", "constant"]
+
+
+class ScheduleParams(_Block):
+    """``random_ltd_schedule.schedule_config``: how fast the kept length grows."""
+
+    _path: ClassVar[str] = RANDOM_LTD_PATH + ".random_ltd_schedule.schedule_config"
+
+    require_steps: Int | None = Field(
+        None,
+        ge=1,
+        description="fixed_linear: optimizer steps after which the kept length reaches max_value "
+        "(DeepSpeed key; e.g. 200000 for GPT-3 1.3B on 300B tokens). Required for fixed_linear.",
+    )
+    seq_per_step: Int = Field(
+        16,
+        ge=1,
+        description="Granularity of growth: the kept length is rounded down to a multiple of this (DeepSpeed key; "
+        "paper: 16).",
+    )
+    require_tokens: Int | None = Field(
+        None,
+        ge=1,
+        description="Extension, fixed_linear_tokens only: consumed training tokens (samples x seq_len) after which "
+        "max_value is kept (paper GPT recipe: 210e9). Required for fixed_linear_tokens.",
+    )
+
+
+class ScheduleConfig(_Block):
+    """``random_ltd_schedule``: Monotonic Sequence Length Growth (MSLG) of the kept token count."""
+
+    _path: ClassVar[str] = RANDOM_LTD_PATH + ".random_ltd_schedule"
+
+    min_value: Int = Field(128, ge=1, description="Kept tokens at the start of training (DeepSpeed key; paper: 128).")
+    max_value: Int | None = Field(
+        None,
+        ge=1,
+        description="Kept tokens at the end of growth, normally the full sequence length (DeepSpeed key; GPT 2048, "
+        "BERT 512). Required when random-LTD is enabled.",
+    )
+    schedule_type: ScheduleType = Field(
+        "fixed_linear",
+        description="'fixed_linear': DeepSpeed's linear growth by optimizer step; 'fixed_linear_tokens' "
+        "(extension): the same growth driven by consumed training tokens; 'constant' (extension): always "
+        "min_value.",
+    )
+    schedule_config: ScheduleParams = Field(
+        default_factory=ScheduleParams, description="Growth speed and granularity (DeepSpeed key)."
+    )
+
+    @model_validator(mode="after")
+    def _check_min_le_max(self) -> ScheduleConfig:
+        """min_value must not exceed max_value."""
+        if self.max_value is not None and self.min_value > self.max_value:
+            raise _FieldIssues(
+                ("min_value", f"{self.min_value} > max_value {self.max_value} (min_value must be <= max_value)")
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_min_vs_granularity(self) -> ScheduleConfig:
+        """fixed_linear rounds down to multiples of seq_per_step, so min_value < seq_per_step would keep 0 tokens."""
+        step = self.schedule_config.seq_per_step
+        if self.schedule_type == "fixed_linear" and self.min_value < step:
+            raise _FieldIssues(
+                (
+                    "min_value",
+                    f"{self.min_value} < schedule_config.seq_per_step {step}: fixed_linear rounds the kept length "
+                    f"down to a multiple of seq_per_step (DeepSpeed's formula), so training would start with 0 kept "
+                    f"tokens; use min_value >= {step} or a smaller seq_per_step",
+                )
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_params_match_type(self) -> ScheduleConfig:
+        """Each growth parameter belongs to one schedule type; a mismatch is almost certainly a mistake."""
+        params = self.schedule_config
+        if self.schedule_type == "fixed_linear" and params.require_tokens is not None:
+            raise _FieldIssues(
+                (
+                    "schedule_config.require_tokens",
+                    f"{params.require_tokens} is only allowed with schedule_type 'fixed_linear_tokens' "
+                    f"(schedule_type is 'fixed_linear', which uses require_steps)",
+                )
+            )
+        if self.schedule_type == "fixed_linear_tokens" and params.require_steps is not None:
+            raise _FieldIssues(
+                (
+                    "schedule_config.require_steps",
+                    f"{params.require_steps} is only allowed with schedule_type 'fixed_linear' "
+                    f"(schedule_type is 'fixed_linear_tokens', which uses require_tokens)",
+                )
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# LayerToken LR
+# --------------------------------------------------------------------------------------------------------------------
+
+WarmupType = Literal["linear", "log"]
+DecayType = Literal["linear", "cosine", "constant"]
+
+
+class _LayerTokenLRFields(_Block):
+    """Fields shared by the random-LTD block form and the ``scheduler`` block form of LayerToken LR."""
+
+    enabled: StrictBool = Field(description="Turn LayerToken LR on (default set by each form).")
+    total_layer_tokens: Int | None = Field(
+        None,
+        ge=1,
+        description="Layer-tokens (sum over layers of tokens processed) at which the decay ends and min_lr is "
+        "reached (DeepSpeed key). Appendix C eq. (2): the random-LTD run's total consumption. Required when "
+        "enabled.",
+    )
+    warmup_layer_tokens: Int = Field(
+        0,
+        ge=0,
+        description="Layer-tokens of linear warmup from 0 to the peak LR (DeepSpeed key). Appendix C eq. (1): "
+        "L * seq_len * batch * warmup_steps of the iteration-based schedule being replaced.",
+    )
+    warmup_type: WarmupType = Field(
+        "linear",
+        description="Warmup shape (DeepSpeed key). Only 'linear' is implemented: DeepSpeed's 'log' warmup is "
+        "log(step+1)/log(warmup_steps), which has no step unit in layer-token space; 'log' is accepted only in a "
+        "disabled block so DeepSpeed configs still load.",
+    )
+    decay_type: DecayType = Field(
+        "cosine",
+        description="Extension: decay shape after warmup: 'cosine' (default), 'linear', or 'constant' (stay at the "
+        "peak LR; min_lr unused).",
+    )
+    min_lr: Real = Field(0.0, ge=0.0, description="Extension: LR reached at total_layer_tokens and kept after it.")
+
+    @model_validator(mode="after")
+    def _check_required_when_enabled(self) -> _LayerTokenLRFields:
+        """total_layer_tokens has no sensible default; require it when the schedule is on."""
+        if self.enabled and self.total_layer_tokens is None:
+            raise _FieldIssues(("total_layer_tokens", "required when the LayerToken LR schedule is enabled"))
+        return self
+
+    @model_validator(mode="after")
+    def _check_warmup_within_total(self) -> _LayerTokenLRFields:
+        """Warmup must end no later than the decay does."""
+        if self.enabled and self.total_layer_tokens is not None and self.warmup_layer_tokens > self.total_layer_tokens:
+            raise _FieldIssues(
+                (
+                    "warmup_layer_tokens",
+                    f"{self.warmup_layer_tokens} > total_layer_tokens {self.total_layer_tokens} (warmup must end "
+                    f"no later than the decay)",
+                )
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_warmup_type_supported(self) -> _LayerTokenLRFields:
+        """'log' warmup is declared by DeepSpeed but has no meaning in layer-token space."""
+        if self.enabled and self.warmup_type != "linear":
+            raise _FieldIssues(
+                (
+                    "warmup_type",
+                    f"{self.warmup_type!r} is not supported for LayerToken LR; allowed: 'linear' (DeepSpeed's log "
+                    f"warmup is log(step+1)/log(warmup_steps) and needs a step unit that layer-tokens do not have)",
+                )
+            )
+        return self
+
+
+class LayerTokenLRSchedule(_LayerTokenLRFields):
+    """``random_ltd.layer_token_lr_schedule``: LayerToken LR declared inside the random-LTD block (DeepSpeed form).
+
+    DeepSpeed 0.19.8 declares these keys but raises NotImplementedError when enabled; we implement them.
+    """
+
+    _path: ClassVar[str] = RANDOM_LTD_PATH + ".layer_token_lr_schedule"
+
+    enabled: StrictBool = Field(False, description="Turn LayerToken LR on (DeepSpeed key; default false).")
+
+    def to_lr_config(self, lr: float | None = None) -> LayerTokenLRConfig:
+        """The same settings as a standalone :class:`LayerTokenLRConfig`."""
+        return LayerTokenLRConfig(**self.model_dump(), lr=lr)
+
+
+class LayerTokenLRConfig(_LayerTokenLRFields):
+    """LayerToken LR settings, also the ``params`` of DeepSpeed's ``"scheduler": {"type": "LayerTokenLR"}`` form."""
+
+    _path: ClassVar[str] = SCHEDULER_PARAMS_PATH
+
+    enabled: StrictBool = Field(True, description="Turn LayerToken LR on (default true in the scheduler form).")
+    lr: Real | None = Field(
+        None, gt=0.0, description="Peak LR after warmup; default: each optimizer param group's initial lr."
+    )
+
+    @model_validator(mode="after")
+    def _check_min_lr_below_peak(self) -> LayerTokenLRConfig:
+        """The decay must go down, not up."""
+        if self.lr is not None and self.min_lr > self.lr:
+            raise _FieldIssues(("min_lr", f"{self.min_lr} > lr {self.lr} (min_lr must be <= the peak lr)"))
+        return self
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# random_ltd block
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class RandomLTDConfig(_Block):
+    """The ``data_efficiency.data_routing.random_ltd`` block (DeepSpeed schema plus documented extensions).
+
+    Build it from a whole DeepSpeed config with :meth:`from_deepspeed` (honours the parent ``enabled`` flags), or
+    from the block alone with ``RandomLTDConfig.model_validate(block)`` / ``RandomLTDConfig(**block)``.
+    """
+
+    enabled: StrictBool = Field(False, description="Turn random-LTD on (DeepSpeed key; default false).")
+    total_layer_num: Int | None = Field(
+        None, ge=1, description="L, number of transformer layers in the model (DeepSpeed key). Required when enabled."
+    )
+    random_ltd_layer_num: Int | None = Field(
+        None,
+        ge=0,
+        description="n, number of layers that drop tokens (DeepSpeed key); default len(random_ltd_layer_id); must "
+        "equal it.",
+    )
+    random_ltd_layer_id: list[Int] | None = Field(
+        None,
+        description="Indices in [0, L) of the layers that drop tokens, unique, any order (DeepSpeed key); default "
+        "1..L-2, i.e. all but the first and last layer (paper, Table 5).",
+    )
+    model_mask_name: StrictStr | None = Field(
+        None, description="Keyword name of the attention mask in the layer's forward, or null (DeepSpeed key)."
+    )
+    model_type: Literal["decoder", "encoder"] = Field(
+        "decoder", description="'decoder' (causal, GPT) or 'encoder' (bidirectional, BERT/ViT) (DeepSpeed key)."
+    )
+    hidden_state_order: Literal["seq_batch_dim", "batch_seq_dim"] = Field(
+        "batch_seq_dim",
+        description="Layout of hidden states: 'seq_batch_dim' [S, B, H] (Megatron) or 'batch_seq_dim' [B, S, H] "
+        "(HF) (DeepSpeed key; DeepSpeed has no default, ours is PyTorch/HF's).",
+    )
+    random_ltd_schedule: ScheduleConfig = Field(
+        default_factory=ScheduleConfig, description="MSLG schedule of the kept token count (DeepSpeed key)."
+    )
+    layer_token_lr_schedule: LayerTokenLRSchedule = Field(
+        default_factory=LayerTokenLRSchedule,
+        description="LayerToken LR (DeepSpeed key; declared but unimplemented in DeepSpeed, implemented here).",
+    )
+    layer_keep_ratios: dict[LayerKey, KeepRatio] | None = Field(
+        None,
+        description="Extension: {layer_id: ratio in (0, 1]}; that layer keeps max(1, floor(ratio * scheduled kept)) "
+        "tokens instead of the shared count (the paper's 'same ratio for all layers' limitation). Keys must be in "
+        "random_ltd_layer_id.",
+    )
+    seed: Int = Field(
+        _DATA_EFFICIENCY_SEED_DEFAULT,
+        ge=0,
+        description="Extension: base seed for token-index sampling; from_deepspeed defaults it to "
+        "data_efficiency.seed (DeepSpeed's key, default 1234).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_layer_defaults(cls, data: Any) -> Any:
+        """Default the dropping layers to 1..L-2 and n to their count (paper defaults; DeepSpeed has none)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        try:
+            num_layers = _as_int(data.get("total_layer_num"))
+        except ValueError:
+            num_layers = None  # missing or malformed: reported by field validation
+        if data.get("random_ltd_layer_id") is None and num_layers is not None and num_layers >= 3:
+            data["random_ltd_layer_id"] = list(range(1, num_layers - 1))
+        if data.get("random_ltd_layer_num") is None and isinstance(data.get("random_ltd_layer_id"), list):
+            data["random_ltd_layer_num"] = len(data["random_ltd_layer_id"])
+        return data
+
+    @model_validator(mode="after")
+    def _check_required_when_enabled(self) -> RandomLTDConfig:
+        """An enabled block needs L, the dropping layers, max_value and the growth length for its schedule type."""
+        if not self.enabled:
+            return self
+        missing = []
+        if self.total_layer_num is None:
+            missing.append(("total_layer_num", "required when random-LTD is enabled"))
+        elif self.random_ltd_layer_id is None:
+            missing.append(
+                ("random_ltd_layer_id", "required when total_layer_num < 3 (the default is layers 1..L-2)")
+            )
+        schedule = self.random_ltd_schedule
+        if schedule.max_value is None:
+            missing.append(("random_ltd_schedule.max_value", "required when random-LTD is enabled"))
+        if schedule.schedule_type == "fixed_linear" and schedule.schedule_config.require_steps is None:
+            missing.append(
+                ("random_ltd_schedule.schedule_config.require_steps", "required for schedule_type 'fixed_linear'")
+            )
+        if schedule.schedule_type == "fixed_linear_tokens" and schedule.schedule_config.require_tokens is None:
+            missing.append(
+                (
+                    "random_ltd_schedule.schedule_config.require_tokens",
+                    "required for schedule_type 'fixed_linear_tokens'",
+                )
+            )
+        if missing:
+            raise _FieldIssues(*missing)
+        return self
+
+    @model_validator(mode="after")
+    def _check_layer_ids(self) -> RandomLTDConfig:
+        """Layer ids must be unique and inside [0, L)."""
+        ids = self.random_ltd_layer_id
+        if ids is None:
+            return self
+        problems = []
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            problems.append(("random_ltd_layer_id", f"duplicate layer ids {duplicates} in {ids} (must be unique)"))
+        num_layers = self.total_layer_num
+        if num_layers is not None:
+            outside = [i for i in ids if not 0 <= i < num_layers]
+            if outside:
+                problems.append(
+                    (
+                        "random_ltd_layer_id",
+                        f"layer ids {outside} outside [0, {num_layers}) (total_layer_num is {num_layers})",
+                    )
+                )
+        if problems:
+            raise _FieldIssues(*problems)
+        return self
+
+    @model_validator(mode="after")
+    def _check_layer_num(self) -> RandomLTDConfig:
+        """n must equal the number of listed layers (DeepSpeed uses both and silently miscounts if they differ)."""
+        n, ids = self.random_ltd_layer_num, self.random_ltd_layer_id
+        if n is not None and ids is not None and n != len(ids):
+            raise _FieldIssues(
+                (
+                    "random_ltd_layer_num",
+                    f"{n} != len(random_ltd_layer_id) {len(ids)} (must equal the number of listed layer ids)",
+                )
+            )
+        if n is not None and ids is None:
+            raise _FieldIssues(
+                ("random_ltd_layer_id", f"required when random_ltd_layer_num ({n}) is given without total_layer_num")
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_keep_ratio_layers(self) -> RandomLTDConfig:
+        """Per-layer ratios only make sense for layers that drop tokens."""
+        ratios = self.layer_keep_ratios
+        if not ratios:
+            return self
+        ids = set(self.random_ltd_layer_id or ())
+        stray = sorted(k for k in ratios if k not in ids)
+        if stray:
+            raise _FieldIssues(
+                (
+                    "layer_keep_ratios",
+                    f"layer ids {stray} are not random-LTD layers; allowed keys: random_ltd_layer_id "
+                    f"{sorted(ids)}",
+                )
+            )
+        return self
+
+    # ---- convenience -------------------------------------------------------------------------------------------
+
+    @property
+    def layer_ids(self) -> tuple[int, ...]:
+        """Random-LTD layer ids in ascending order (empty when not configured)."""
+        return tuple(sorted(self.random_ltd_layer_id or ()))
+
+    @property
+    def num_full_layers(self) -> int:
+        """Layers that always see the full sequence (L - n)."""
+        return (self.total_layer_num or 0) - len(self.random_ltd_layer_id or ())
+
+    def keep_ratio(self, layer_id: int) -> float:
+        """The extra keep ratio of one layer (1.0 when not set)."""
+        return (self.layer_keep_ratios or {}).get(layer_id, 1.0)
+
+    @classmethod
+    def from_deepspeed(cls, ds_config: dict[str, Any] | str | os.PathLike[str]) -> RandomLTDConfig:
+        """Read the random-LTD block from a whole DeepSpeed config (a dict or a path to a JSON file).
+
+        A missing block gives a disabled config. ``enabled`` is true only if ``data_efficiency.enabled``,
+        ``data_efficiency.data_routing.enabled`` and ``random_ltd.enabled`` all are (DeepSpeed defaults: false).
+        """
+        ds = _load_deepspeed_config(ds_config)
+        data_efficiency = _sub_block(ds, "data_efficiency", "")
+        data_routing = _sub_block(data_efficiency, "data_routing", "data_efficiency")
+        de_on = _flag(data_efficiency, "data_efficiency", _DATA_EFFICIENCY_ENABLED_DEFAULT)
+        dr_on = _flag(data_routing, "data_efficiency.data_routing", _DATA_ROUTING_ENABLED_DEFAULT)
+        block = data_routing.get("random_ltd")
+        if block is None:
+            return cls()
+        if not isinstance(block, dict):
+            raise ConfigError([ConfigIssue(RANDOM_LTD_PATH, f"expected an object, got {block!r}")])
+        if "seed" not in block and "seed" in data_efficiency:
+            seed = data_efficiency["seed"]
+            try:
+                block = {**block, "seed": _as_int(seed)}
+            except ValueError as exc:
+                raise ConfigError([ConfigIssue("data_efficiency.seed", str(exc))]) from None
+        config = cls.model_validate(block)
+        if config.enabled and not (de_on and dr_on):
+            off = [name for name, on in (("data_efficiency", de_on), ("data_efficiency.data_routing", dr_on)) if not on]
+            warnings.warn(
+                f"{RANDOM_LTD_PATH}.enabled is true but {' and '.join(f'{p}.enabled' for p in off)} is false or "
+                f"missing (DeepSpeed default false): random-LTD is disabled. Note that DeepSpeed 0.19.8 ignores "
+                f"the parent flags and would enable it.",
+                UserWarning,
+                stacklevel=2,
+            )
+            config = config.model_copy(update={"enabled": False})
+        return config
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DeepSpeed-config helpers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _load_deepspeed_config(ds_config: dict[str, Any] | str | os.PathLike[str]) -> dict[str, Any]:
+    """A DeepSpeed config as a dict: given as a dict, or read from a JSON file."""
+    if isinstance(ds_config, (str, os.PathLike)):
+        path = os.fspath(ds_config)
+        with open(path, encoding="utf-8") as fh:
+            try:
+                ds_config = json.load(fh)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(ds_config, dict):
+        raise ConfigError(f"a DeepSpeed config must be a JSON object / dict, got {type(ds_config).__name__}")
+    return ds_config
+
+
+def _sub_block(parent: dict[str, Any], key: str, parent_path: str) -> dict[str, Any]:
+    """``parent[key]`` as a dict ({} when absent); a non-object is a ConfigError."""
+    value = parent.get(key, {})
+    if not isinstance(value, dict):
+        path = f"{parent_path}.{key}" if parent_path else key
+        raise ConfigError([ConfigIssue(path, f"expected an object, got {value!r}")])
+    return value
+
+
+def _flag(block: dict[str, Any], path: str, default: bool) -> bool:
+    """A parent ``enabled`` flag: must be a JSON boolean."""
+    value = block.get("enabled", default)
+    if not isinstance(value, bool):
+        raise ConfigError([ConfigIssue(f"{path}.enabled", f"expected true or false, got {value!r}")])
+    return value
+
+
+def layer_token_lr_config_from_deepspeed(
+    ds_config: dict[str, Any] | str | os.PathLike[str],
+) -> LayerTokenLRConfig | None:
+    """The enabled LayerToken LR settings of a DeepSpeed config, or None.
+
+    Two places may hold them: the top-level ``"scheduler": {"type": "LayerTokenLR", "params": {...}}`` block, or
+    ``data_efficiency.data_routing.random_ltd.layer_token_lr_schedule`` (counted only while random-LTD itself is
+    enabled, as in DeepSpeed). Enabling both is an error naming both paths.
+    """
+    ds = _load_deepspeed_config(ds_config)
+    from_scheduler: LayerTokenLRConfig | None = None
+    scheduler = ds.get("scheduler")
+    if isinstance(scheduler, dict) and scheduler.get("type") == LAYER_TOKEN_LR_SCHEDULER_TYPE:
+        params = scheduler.get("params", {})
+        if not isinstance(params, dict):
+            raise ConfigError([ConfigIssue(SCHEDULER_PARAMS_PATH, f"expected an object, got {params!r}")])
+        candidate = LayerTokenLRConfig.model_validate(params)
+        if candidate.enabled:
+            from_scheduler = candidate
+
+    from_block: LayerTokenLRConfig | None = None
+    random_ltd = RandomLTDConfig.from_deepspeed(ds)
+    block = random_ltd.layer_token_lr_schedule
+    if block.enabled and random_ltd.enabled:
+        from_block = block.to_lr_config()
+    elif block.enabled:
+        warnings.warn(
+            f"{RANDOM_LTD_PATH}.layer_token_lr_schedule.enabled is true but random-LTD is disabled, so it is ignored; "
+            f"use the 'scheduler': {{'type': '{LAYER_TOKEN_LR_SCHEDULER_TYPE}'}} form for LayerToken LR without "
+            f"random-LTD",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    if from_scheduler is not None and from_block is not None:
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    SCHEDULER_PARAMS_PATH,
+                    f"LayerToken LR is enabled twice: in 'scheduler' (type {LAYER_TOKEN_LR_SCHEDULER_TYPE}) and in "
+                    f"{RANDOM_LTD_PATH}.layer_token_lr_schedule; keep exactly one",
+                )
+            ]
+        )
+    return from_scheduler if from_scheduler is not None else from_block
