@@ -1,0 +1,1 @@
+"""Framework adapters. Each subpackage imports its framework lazily: nothing here is needed by the core package."""

@@ -1,0 +1,213 @@
+"""``random_ltd.initialize``: ``deepspeed.initialize`` plus random-LTD, driven by the DeepSpeed config's own block.
+
+What it adds to the engine DeepSpeed returns (the engine stays a ``DeepSpeedEngine``; its class gains a mixin):
+- the model's middle layers wrapped (``convert_to_random_ltd``), indices keyed by (seed, step, micro-batch, layer);
+- the MSLG schedule advanced once per optimizer step, from exact layer-token counts summed over data-parallel ranks;
+- LayerToken LR as the engine's ``lr_scheduler`` when the config asks for it (no lag: step t's LR uses the
+  layer-tokens consumed before step t);
+- all random-LTD state in DeepSpeed checkpoints (client state ``"random_ltd"``);
+- metrics through the engine's monitor (W&B, TensorBoard, CSV blocks of the DeepSpeed config).
+
+DeepSpeed's own random-LTD is switched off in the config DeepSpeed sees, so the two never both run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+
+from random_ltd.config import RandomLTDConfig, layer_token_lr_config_from_deepspeed
+from random_ltd.layers import RandomLTDState, convert_to_random_ltd
+from random_ltd.layers.convert import LayerSpec, find_layers
+from random_ltd.monitor import RandomLTDMonitor
+from random_ltd.schedules import LayerTokenLR, MSLGSchedule
+
+__all__ = ["initialize", "RandomLTDEngineMixin", "deepspeed_view_of_config"]
+
+logger = logging.getLogger("random_ltd")
+
+#: kept length that means "never drop" (the wrapped layers cap it at the real sequence length)
+_FULL = 2**31 - 1
+
+
+def _load(config: Any) -> dict:
+    if config is None:
+        return {}
+    if isinstance(config, (str, os.PathLike)):
+        with open(config) as f:
+            return json.load(f)
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict or a path to a JSON file, got {type(config).__name__}")
+    return config
+
+
+def deepspeed_view_of_config(ds_config: dict) -> dict:
+    """The config handed to DeepSpeed: our random-LTD block and LayerTokenLR scheduler removed (we run them)."""
+    ds = copy.deepcopy(ds_config)
+    routing = ds.get("data_efficiency", {}).get("data_routing", {})
+    if "random_ltd" in routing:
+        routing["random_ltd"] = {"enabled": False}
+    if isinstance(ds.get("scheduler"), dict) and ds["scheduler"].get("type") == "LayerTokenLR":
+        del ds["scheduler"]
+    return ds
+
+
+def _no_drop_config(num_layers: int) -> RandomLTDConfig:
+    """Config for a baseline run: the same wrapped layers and accounting, but nothing is dropped."""
+    return RandomLTDConfig.model_validate({
+        "enabled": True, "total_layer_num": num_layers,
+        "random_ltd_schedule": {"min_value": _FULL, "max_value": _FULL, "schedule_type": "constant"},
+    })
+
+
+class RandomLTDEngineMixin:
+    """Mixed into the class of the engine ``deepspeed.initialize`` returned (see ``initialize``)."""
+
+    random_ltd_state: RandomLTDState
+    random_ltd_schedule: MSLGSchedule
+    random_ltd_monitor: RandomLTDMonitor
+
+    def step(self, lr_kwargs: dict | None = None) -> None:
+        boundary = self.is_gradient_accumulation_boundary()
+        if boundary:
+            self._random_ltd_record_step()
+        super().step(lr_kwargs)
+        if boundary:
+            self._random_ltd_advance()
+            self.random_ltd_monitor.on_step(self)
+
+    def _random_ltd_record_step(self) -> None:
+        count = self.random_ltd_state.finish_step()
+        totals = torch.tensor([count.consumed, count.baseline, count.samples, count.tokens], dtype=torch.float64,
+                              device=self.device)
+        if torch.distributed.is_initialized() and self.dp_world_size > 1:
+            import deepspeed.comm as dist
+
+            dist.all_reduce(totals, group=self.data_parallel_group)
+        consumed, baseline, samples, tokens = (int(v) for v in totals.tolist())
+        self.random_ltd_schedule.record(consumed, baseline, samples, tokens)
+
+    def _random_ltd_advance(self) -> None:
+        sched = self.random_ltd_schedule
+        self.random_ltd_state.advance(sched.step, sched.layer_kept_lengths(sched.step, sched.consumed_tokens))
+
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True,
+                        exclude_frozen_parameters=False):
+        client_state = dict(client_state or {})
+        client_state["random_ltd"] = {"schedule": self.random_ltd_schedule.state_dict(),
+                                      "state": self.random_ltd_state.state_dict()}
+        return super().save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=save_latest,
+                                       exclude_frozen_parameters=exclude_frozen_parameters)
+
+    def load_checkpoint(self, *args, **kwargs):
+        path, client_state = super().load_checkpoint(*args, **kwargs)
+        saved = (client_state or {}).pop("random_ltd", None)
+        if saved is not None:
+            self.random_ltd_schedule.load_state_dict(saved["schedule"])
+            self.random_ltd_state.load_state_dict(saved["state"])
+            self._random_ltd_advance()
+        elif path is not None:
+            logger.warning("random-LTD: checkpoint %s holds no random-LTD state; the schedule restarts at step 0",
+                           path)
+        return path, client_state
+
+    def random_ltd_summary(self) -> str:
+        """One line: steps, kept length, layer-tokens consumed vs baseline, saving, throughput."""
+        return self.random_ltd_monitor.summary(self)
+
+
+_ENGINE_CLASSES: dict[type, type] = {}
+
+
+def _engine_class(cls: type) -> type:
+    if issubclass(cls, RandomLTDEngineMixin):
+        return cls
+    if cls not in _ENGINE_CLASSES:
+        _ENGINE_CLASSES[cls] = type(f"RandomLTD{cls.__name__}", (RandomLTDEngineMixin, cls), {})
+    return _ENGINE_CLASSES[cls]
+
+
+def _data_parallel_rank(engine: Any, mpu: Any) -> int:
+    if mpu is not None and hasattr(mpu, "get_data_parallel_rank"):
+        return int(mpu.get_data_parallel_rank())
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(group=engine.data_parallel_group)
+    return 0
+
+
+def initialize(
+    args: Any = None,
+    model: torch.nn.Module | None = None,
+    optimizer: Any = None,
+    model_parameters: Any = None,
+    training_data: Any = None,
+    lr_scheduler: Any = None,
+    distributed_port: int | None = None,
+    mpu: Any = None,
+    dist_init_required: bool | None = None,
+    collate_fn: Any = None,
+    config: str | dict | None = None,
+    mesh_param: Any = None,
+    config_params: str | dict | None = None,
+    *,
+    layers: LayerSpec = None,
+):
+    """Drop-in for ``deepspeed.initialize`` that applies the config's random-LTD block.
+
+    Same arguments and return value ``(engine, optimizer, dataloader, lr_scheduler)``; ``layers`` optionally names
+    the transformer layers (a class, or the modules; default: the longest ``nn.ModuleList`` of one class).
+    With random-LTD disabled the layers are still counted (nothing is dropped), so a baseline run reports the same
+    layer-token metrics.
+
+    Raises:
+        random_ltd.ConfigError: an invalid random-LTD or LayerTokenLR block (the message names the key path).
+        ValueError: LayerToken LR configured and an ``lr_scheduler`` passed as well.
+    """
+    import deepspeed
+
+    if model is None:
+        raise ValueError("model is required")
+    ds_config = _load(config if config is not None else config_params)
+    if not ds_config and args is not None and getattr(args, "deepspeed_config", None):
+        ds_config = _load(args.deepspeed_config)
+        args = copy.copy(args)
+        args.deepspeed_config = None
+    rltd = RandomLTDConfig.from_deepspeed(ds_config)
+    lr_config = layer_token_lr_config_from_deepspeed(ds_config)
+
+    found = find_layers(model, layers)
+    schedule = MSLGSchedule(rltd if rltd.enabled else _no_drop_config(len(found)))
+    if lr_config is not None:
+        if lr_scheduler is not None:
+            raise ValueError("LayerToken LR is configured in the DeepSpeed config; do not also pass lr_scheduler")
+
+        def lr_scheduler(opt):
+            return LayerTokenLR.from_config(opt, lr_config,
+                                            layer_token_source=lambda: schedule.consumed_layer_tokens)
+
+    if ds_config.get("wandb", {}).get("enabled") and "WANDB_MODE" not in os.environ \
+            and "WANDB_API_KEY" not in os.environ:
+        os.environ["WANDB_MODE"] = "offline"  # no network unless the user configured W&B
+
+    kwargs = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                  training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
+                  dist_init_required=dist_init_required, collate_fn=collate_fn, config=deepspeed_view_of_config(ds_config),
+                  mesh_param=mesh_param)
+    if distributed_port is not None:
+        kwargs["distributed_port"] = distributed_port
+    engine, opt, loader, sched = deepspeed.initialize(**kwargs)
+
+    state = convert_to_random_ltd(engine, found, schedule.config, data_parallel_rank=_data_parallel_rank(engine, mpu))
+    state.enabled = rltd.enabled
+    engine.__class__ = _engine_class(type(engine))
+    engine.random_ltd_state = state
+    engine.random_ltd_schedule = schedule
+    engine.random_ltd_monitor = RandomLTDMonitor(enabled=rltd.enabled, start_time=time.perf_counter())
+    engine._random_ltd_advance()
+    return engine, opt, loader, sched
