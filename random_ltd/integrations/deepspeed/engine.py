@@ -197,8 +197,8 @@ def initialize(
 
     kwargs = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                   training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
-                  dist_init_required=dist_init_required, collate_fn=collate_fn, config=deepspeed_view_of_config(ds_config),
-                  mesh_param=mesh_param)
+                  dist_init_required=dist_init_required, collate_fn=collate_fn,
+                  config=deepspeed_view_of_config(ds_config), mesh_param=mesh_param)
     if distributed_port is not None:
         kwargs["distributed_port"] = distributed_port
     engine, opt, loader, sched = deepspeed.initialize(**kwargs)
