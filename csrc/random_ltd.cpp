@@ -37,7 +37,8 @@ namespace random_ltd {
 namespace {
 
 // Bytes moved per element. The ops only copy elements, which is bit-exact, so every dtype with a plain fixed-size
-// representation is supported through its size; quantized, bit-packed and sub-byte dtypes are refused.
+// representation is supported through its size. Others (the opaque bits* types, any dtype added to torch later) are
+// refused rather than guessed; quantized tensors never get here (they dispatch to QuantizedCPU/QuantizedCUDA).
 int64_t copy_unit_bytes(const at::Tensor& t, const char* op, const char* arg) {
   switch (t.scalar_type()) {
     case at::kBool:
@@ -47,6 +48,8 @@ int64_t copy_unit_bytes(const at::Tensor& t, const char* op, const char* arg) {
     case at::kFloat8_e4m3fn:
     case at::kFloat8_e5m2fnuz:
     case at::kFloat8_e4m3fnuz:
+    case at::kFloat8_e8m0fnu:
+    case at::kFloat4_e2m1fn_x2:  // Two fp4 values per byte: rows are whole bytes, so a byte copy is exact.
       return 1;
     case at::kHalf:
     case at::kBFloat16:
@@ -56,6 +59,7 @@ int64_t copy_unit_bytes(const at::Tensor& t, const char* op, const char* arg) {
     case at::kFloat:
     case at::kInt:
     case at::kUInt32:
+    case at::kComplexHalf:
       return 4;
     case at::kDouble:
     case at::kLong:
