@@ -685,8 +685,7 @@ class RandomLTDConfig(_Block):
                 block = {**block, "seed": _as_int(seed)}
             except ValueError as exc:
                 raise ConfigError([ConfigIssue("data_efficiency.seed", str(exc))]) from None
-        config = cls.model_validate(block)
-        if config.enabled and not (de_on and dr_on):
+        if block.get("enabled") is True and not (de_on and dr_on):
             off = [name for name, on in (("data_efficiency", de_on), ("data_efficiency.data_routing", dr_on)) if not on]
             warnings.warn(
                 f"{RANDOM_LTD_PATH}.enabled is true but {' and '.join(f'{p}.enabled' for p in off)} is false or "
@@ -695,8 +694,8 @@ class RandomLTDConfig(_Block):
                 UserWarning,
                 stacklevel=2,
             )
-            config = config.model_copy(update={"enabled": False})
-        return config
+            block = {**block, "enabled": False}  # validated as a disabled block: nothing else is required
+        return cls.model_validate(block)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -756,7 +755,9 @@ def layer_token_lr_config_from_deepspeed(
             from_scheduler = candidate
 
     from_block: LayerTokenLRConfig | None = None
-    random_ltd = RandomLTDConfig.from_deepspeed(ds)
+    with warnings.catch_warnings():  # the parent-flag warning belongs to RandomLTDConfig.from_deepspeed's caller
+        warnings.simplefilter("ignore", UserWarning)
+        random_ltd = RandomLTDConfig.from_deepspeed(ds)
     block = random_ltd.layer_token_lr_schedule
     if block.enabled and random_ltd.enabled:
         from_block = block.to_lr_config()

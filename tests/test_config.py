@@ -158,6 +158,12 @@ def test_parent_enabled_flags_off_disable_random_ltd(key: str, value: Any, named
     assert cfg.total_layer_num == 24  # the rest of the block is still parsed
 
 
+def test_parent_flag_off_does_not_require_the_rest_of_the_block() -> None:
+    ds = {"data_efficiency": {"enabled": False, "data_routing": {"enabled": True, "random_ltd": {"enabled": True}}}}
+    with pytest.warns(UserWarning, match="random-LTD is disabled"):
+        assert RandomLTDConfig.from_deepspeed(ds).enabled is False
+
+
 def test_random_ltd_enabled_false_disables_without_warning(recwarn: pytest.WarningsRecorder) -> None:
     cfg = RandomLTDConfig.from_deepspeed(mutated(load(GPT_JSON), RLTD + ".enabled", False))
     assert cfg.enabled is False
