@@ -16,6 +16,7 @@ from random_ltd.config import (
     LayerTokenLRSchedule,
     RandomLTDConfig,
     ScheduleConfig,
+    ScheduleParams,
     layer_token_lr_config_from_deepspeed,
 )
 
@@ -446,3 +447,12 @@ def test_scheduler_form_errors(params: dict[str, Any], expected: str) -> None:
 def test_block_form_converts_to_lr_config() -> None:
     block = LayerTokenLRSchedule(enabled=True, **LR_PARAMS)
     assert block.to_lr_config(lr=0.1) == LayerTokenLRConfig(lr=0.1, **LR_PARAMS)
+
+
+@pytest.mark.parametrize(
+    "model", [RandomLTDConfig, ScheduleConfig, ScheduleParams, LayerTokenLRSchedule, LayerTokenLRConfig],
+    ids=lambda m: m.__name__,
+)
+def test_every_field_is_documented(model: type) -> None:
+    undocumented = [name for name, field in model.model_fields.items() if not (field.description or "").strip()]
+    assert not undocumented
