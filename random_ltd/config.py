@@ -14,28 +14,31 @@ A config written for DeepSpeed's random-LTD loads unchanged. Differences from De
   ``random_ltd.enabled``; when the flags disagree we disable random-LTD and warn.
 * Unknown keys are errors (DeepSpeed silently ignores typos such as ``require_step``). The keys DeepSpeed's engine
   injects into its own parsed copy (``global_batch_size``, ``micro_batch_size``) are not user keys and are rejected.
-* When the block is disabled nothing else is required, but whatever is present is still type-checked.
+* When the block is disabled (by its own flag or a parent's) nothing else is required, but whatever is present is
+  still type-checked.
+* ``fixed_linear`` with ``min_value < seq_per_step`` is rejected (DeepSpeed's round-down would keep 0 tokens), and
+  an enabled ``layer_token_lr_schedule`` must use ``warmup_type`` ``"linear"`` (``"log"`` has no layer-token form).
 
 Extensions (all optional; a DeepSpeed config never needs them):
 
-====================================================  ===========================================================
-Key (relative to ``...random_ltd``)                   Meaning
-====================================================  ===========================================================
-``random_ltd_schedule.schedule_type``                 ``"fixed_linear"`` (DeepSpeed: by optimizer step),
-                                                      ``"fixed_linear_tokens"`` (by consumed training tokens) or
-                                                      ``"constant"`` (kept length fixed at ``min_value``).
+======================================================  ==============================================================
+Key (relative to ``...random_ltd``)                     Meaning
+======================================================  ==============================================================
+``random_ltd_schedule.schedule_type``                   ``"fixed_linear"`` (DeepSpeed: by optimizer step),
+                                                        ``"fixed_linear_tokens"`` (by consumed training tokens) or
+                                                        ``"constant"`` (kept length fixed at ``min_value``).
 ``random_ltd_schedule.schedule_config.require_tokens``  ``fixed_linear_tokens`` only: training tokens after which
-                                                      the full ``max_value`` is kept (paper GPT recipe: 210e9).
-``layer_keep_ratios``                                 ``{layer_id: ratio in (0, 1]}``: that layer keeps
-                                                      ``max(1, floor(ratio * scheduled_kept))`` tokens.
-``seed``                                              Base seed for index sampling (default: ``data_efficiency.seed``
-                                                      if given, else 1234, DeepSpeed's data-efficiency default).
-``layer_token_lr_schedule.decay_type``                ``"cosine"`` (default), ``"linear"`` or ``"constant"``.
-``layer_token_lr_schedule.min_lr``                    LR reached at ``total_layer_tokens`` (default 0).
-top-level ``scheduler: {"type": "LayerTokenLR",``     The same LayerToken LR fields (+ optional peak ``lr``) in
-``"params": {...}}``                                  DeepSpeed's scheduler-block form; see
-                                                      :func:`layer_token_lr_config_from_deepspeed`.
-====================================================  ===========================================================
+                                                        the full ``max_value`` is kept (paper GPT recipe: 210e9).
+``layer_keep_ratios``                                   ``{layer_id: ratio in (0, 1]}``: that layer keeps
+                                                        ``max(1, floor(ratio * scheduled_kept))`` tokens.
+``seed``                                                Base seed for index sampling (default ``data_efficiency.seed``
+                                                        if given, else 1234, DeepSpeed's data-efficiency default).
+``layer_token_lr_schedule.decay_type``                  ``"cosine"`` (default), ``"linear"`` or ``"constant"``.
+``layer_token_lr_schedule.min_lr``                      LR reached at ``total_layer_tokens`` (default 0).
+top-level ``scheduler`` with ``"type": "LayerTokenLR"``  The same LayerToken LR fields (+ optional peak ``lr``) in its
+                                                        ``params`` (DeepSpeed's scheduler-block form); see
+                                                        :func:`layer_token_lr_config_from_deepspeed`.
+======================================================  ==============================================================
 
 Defaults where DeepSpeed has none follow the paper: ``min_value`` 128, ``seq_per_step`` 16, ``schedule_type``
 ``fixed_linear``, ``random_ltd_layer_id`` = all but the first and last layer (``1 .. L-2``), ``random_ltd_layer_num``
