@@ -47,13 +47,20 @@ def _load(config: Any) -> dict:
     return config
 
 
-def deepspeed_view_of_config(ds_config: dict) -> dict:
-    """The config handed to DeepSpeed: our random-LTD block and LayerTokenLR scheduler removed (we run them)."""
+def deepspeed_view_of_config(ds_config: dict, layer_token_lr: bool = False) -> dict:
+    """The config handed to DeepSpeed: our random-LTD block and LayerTokenLR scheduler removed (we run them).
+
+    With ``layer_token_lr`` (LayerToken LR enabled in the random-LTD block), the iteration-based ``scheduler`` block
+    is dropped too: LayerToken LR replaces it, as DeepSpeed's own (unimplemented) option intends.
+    """
     ds = copy.deepcopy(ds_config)
     routing = ds.get("data_efficiency", {}).get("data_routing", {})
     if "random_ltd" in routing:
         routing["random_ltd"] = {"enabled": False}
-    if isinstance(ds.get("scheduler"), dict) and ds["scheduler"].get("type") == "LayerTokenLR":
+    scheduler = ds.get("scheduler")
+    if isinstance(scheduler, dict) and (scheduler.get("type") == "LayerTokenLR" or layer_token_lr):
+        if scheduler.get("type") != "LayerTokenLR":
+            logger.info("random-LTD: LayerToken LR replaces the configured %s scheduler", scheduler.get("type"))
         del ds["scheduler"]
     return ds
 
@@ -198,7 +205,7 @@ def initialize(
     kwargs = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                   training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
                   dist_init_required=dist_init_required, collate_fn=collate_fn,
-                  config=deepspeed_view_of_config(ds_config), mesh_param=mesh_param)
+                  config=deepspeed_view_of_config(ds_config, lr_config is not None), mesh_param=mesh_param)
     if distributed_port is not None:
         kwargs["distributed_port"] = distributed_port
     engine, opt, loader, sched = deepspeed.initialize(**kwargs)
