@@ -53,7 +53,9 @@ def set_random_ltd(ds_config: dict, enabled: bool, num_layers: int, seq_length: 
     """Make the config's random-LTD block match the model (L, max length) and the --baseline switch."""
     block = ds_config.setdefault("data_efficiency", {}).setdefault("data_routing", {}).setdefault("random_ltd", {})
     if not enabled:
+        # the baseline keeps the config's iteration "scheduler" block; LayerToken LR belongs to random-LTD
         block["enabled"] = False
+        block.get("layer_token_lr_schedule", {})["enabled"] = False
         return ds_config
     block.setdefault("total_layer_num", num_layers)
     block.setdefault("random_ltd_schedule", {}).setdefault("max_value", seq_length)
