@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--deepspeed_config", default=str(ROOT / "configs" / "tiny_gpt_cpu.json"))
     p.add_argument("--nproc", type=int, default=2, help="processes per node (data parallel)")
     p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--train-iters", type=int, default=300)
+    p.add_argument("--train-iters", type=int, default=200)
     p.add_argument("--eval-interval", type=int, default=25)
     p.add_argument("--equal-budget", action="store_true", help="add the equal layer-token budget arm")
     p.add_argument("--master-port", type=int, default=29600)

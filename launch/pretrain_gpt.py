@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--num-attention-heads", type=int, default=4)
     p.add_argument("--seq-length", type=int, default=256)
-    p.add_argument("--train-iters", type=int, default=300)
+    p.add_argument("--train-iters", type=int, default=200)
     p.add_argument("--train-layer-tokens", type=float, default=None,
                    help="stop once this many layer-tokens are consumed (equal-budget comparisons)")
     p.add_argument("--eval-interval", type=int, default=50)

@@ -9,12 +9,12 @@ from random_ltd.schedules import total_saving
 
 
 def test_plan_prints_schedule_and_saving(capsys, tmp_path):
-    assert main(["plan", "--config", "configs/tiny_gpt_cpu.json", "--steps", "300", "--batch", "16",
-                 "--warmup-steps", "30", "--plot", str(tmp_path / "p.png")]) == 0
+    assert main(["plan", "--config", "configs/tiny_gpt_cpu.json", "--steps", "200", "--batch", "16",
+                 "--warmup-steps", "20", "--plot", str(tmp_path / "p.png")]) == 0
     out = capsys.readouterr().out
     from random_ltd import RandomLTDConfig
 
-    saving = 100 * total_saving(RandomLTDConfig.from_deepspeed("configs/tiny_gpt_cpu.json"), 300, 16)
+    saving = 100 * total_saving(RandomLTDConfig.from_deepspeed("configs/tiny_gpt_cpu.json"), 200, 16)
     assert f"{saving:.1f}% saved" in out
     assert "LayerToken LR" in out and "iteration LR" in out
     assert (tmp_path / "p.png").stat().st_size > 1000
