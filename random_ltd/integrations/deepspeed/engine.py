@@ -5,7 +5,8 @@ What it adds to the engine DeepSpeed returns (the engine stays a ``DeepSpeedEngi
 - the MSLG schedule advanced once per optimizer step, from exact layer-token counts summed over data-parallel ranks;
 - LayerToken LR as the engine's ``lr_scheduler`` when the config asks for it (no lag: step t's LR uses the
   layer-tokens consumed before step t);
-- all random-LTD state in DeepSpeed checkpoints (client state ``"random_ltd"``);
+- all random-LTD state in DeepSpeed checkpoints (client state ``"random_ltd_state"``: DeepSpeed reserves
+  ``"random_ltd"`` for its own scheduler and drops that key from the client state it loads);
 - metrics through the engine's monitor (W&B, TensorBoard, CSV blocks of the DeepSpeed config).
 
 DeepSpeed's own random-LTD is switched off in the config DeepSpeed sees, so the two never both run.
@@ -22,7 +23,13 @@ from typing import Any
 
 import torch
 
-from random_ltd.config import RandomLTDConfig, layer_token_lr_config_from_deepspeed
+from random_ltd.config import (
+    RANDOM_LTD_PATH,
+    ConfigError,
+    ConfigIssue,
+    RandomLTDConfig,
+    layer_token_lr_config_from_deepspeed,
+)
 from random_ltd.layers import RandomLTDState, convert_to_random_ltd
 from random_ltd.layers.convert import LayerSpec, find_layers
 from random_ltd.monitor import RandomLTDMonitor
@@ -31,6 +38,9 @@ from random_ltd.schedules import LayerTokenLR, MSLGSchedule
 __all__ = ["initialize", "RandomLTDEngineMixin", "deepspeed_view_of_config"]
 
 logger = logging.getLogger("random_ltd")
+
+#: client-state key of our checkpoint state (not "random_ltd": DeepSpeed's load_checkpoint filters that one out)
+CLIENT_STATE_KEY = "random_ltd_state"
 
 #: kept length that means "never drop" (the wrapped layers cap it at the real sequence length)
 _FULL = 2**31 - 1
@@ -86,8 +96,8 @@ class RandomLTDEngineMixin:
             self._random_ltd_record_step()
         super().step(lr_kwargs)
         if boundary:
+            self.random_ltd_monitor.on_step(self)  # before advancing: report the kept lengths this step used
             self._random_ltd_advance()
-            self.random_ltd_monitor.on_step(self)
 
     def _random_ltd_record_step(self) -> None:
         count = self.random_ltd_state.finish_step()
@@ -107,14 +117,14 @@ class RandomLTDEngineMixin:
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True,
                         exclude_frozen_parameters=False):
         client_state = dict(client_state or {})
-        client_state["random_ltd"] = {"schedule": self.random_ltd_schedule.state_dict(),
-                                      "state": self.random_ltd_state.state_dict()}
+        client_state[CLIENT_STATE_KEY] = {"schedule": self.random_ltd_schedule.state_dict(),
+                                            "state": self.random_ltd_state.state_dict()}
         return super().save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=save_latest,
                                        exclude_frozen_parameters=exclude_frozen_parameters)
 
     def load_checkpoint(self, *args, **kwargs):
         path, client_state = super().load_checkpoint(*args, **kwargs)
-        saved = (client_state or {}).pop("random_ltd", None)
+        saved = (client_state or {}).pop(CLIENT_STATE_KEY, None)
         if saved is not None:
             self.random_ltd_schedule.load_state_dict(saved["schedule"])
             self.random_ltd_state.load_state_dict(saved["state"])
@@ -189,6 +199,10 @@ def initialize(
     lr_config = layer_token_lr_config_from_deepspeed(ds_config)
 
     found = find_layers(model, layers)
+    if rltd.enabled and rltd.total_layer_num != len(found):  # checked before DeepSpeed builds anything
+        raise ConfigError([ConfigIssue(f"{RANDOM_LTD_PATH}.total_layer_num",
+                                       f"{rltd.total_layer_num} != {len(found)} layers found in "
+                                       f"{type(model).__name__} (must equal the model's layer count)")])
     schedule = MSLGSchedule(rltd if rltd.enabled else _no_drop_config(len(found)))
     if lr_config is not None:
         if lr_scheduler is not None:
