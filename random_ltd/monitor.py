@@ -1,7 +1,8 @@
 """Random-LTD metrics, written through DeepSpeed's monitor (W&B, TensorBoard and CSV blocks of the config).
 
-Keys (x-axis: optimizer step):
-    random_ltd/kept_length             kept tokens of the random-LTD layers this step (mean over layers)
+Keys (x-axis: ``engine.global_samples``, the step DeepSpeed's own ``Train/Samples/*`` events use; W&B drops any
+event whose step is below the last one logged, so a different x-axis would lose every random-LTD point):
+    random_ltd/kept_length             kept tokens of the random-LTD layers in the step just taken (mean over layers)
     random_ltd/consumed_layer_tokens   layer-tokens run so far, all data-parallel ranks together
     random_ltd/baseline_layer_tokens   what full-length training would have run
     random_ltd/saved_percent           100 * (1 - consumed / baseline)
@@ -60,7 +61,7 @@ class RandomLTDMonitor:
         self.last = self.metrics(engine)
         monitor = getattr(engine, "monitor", None)
         if monitor is not None and getattr(monitor, "enabled", False):
-            step = engine.random_ltd_schedule.step
+            step = getattr(engine, "global_samples", engine.random_ltd_schedule.step)
             monitor.write_events([(k, v, step) for k, v in self.last.items()])
 
     def summary(self, engine: Any) -> str:

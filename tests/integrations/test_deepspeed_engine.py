@@ -415,7 +415,7 @@ def zero0_losses() -> tuple[float, ...]:
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_zero_stages(stage: int) -> None:
+def test_zero_stages(stage: int, tmp_path) -> None:
     model = make_model()
     baseline = copy.deepcopy(model)
     extra = {"stage3_gather_16bit_weights_on_model_save": True} if stage == 3 else {}
@@ -434,6 +434,10 @@ def test_zero_stages(stage: int) -> None:
         state = engine._zero3_consolidated_16bit_state_dict()
         assert list(state) == list(baseline.state_dict())
         assert all(v.shape == baseline.state_dict()[k].shape for k, v in state.items())
+        assert engine.save_16bit_model(str(tmp_path), "model.bin")
+        saved = torch.load(tmp_path / "model.bin", weights_only=True)
+        assert list(saved) == list(baseline.state_dict())
+        baseline.load_state_dict(saved, strict=True)
 
 
 class CheckpointedTinyGPT(TinyGPT):
