@@ -73,7 +73,9 @@ def rltd_block(*, min_value: int = 8, max_value: int = SEQ, require_steps: int =
 def make_config(*, gas: int = 1, block: dict | None = None, enabled: bool = True, lr: float = 1e-3,
                 zero: int = 0, **extra: Any) -> dict:
     cfg: dict[str, Any] = {"train_micro_batch_size_per_gpu": MB, "gradient_accumulation_steps": gas,
-                           "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0}},
+                           # torch_adam: torch.optim.AdamW, no JIT-compiled FusedAdam on CPU
+                           "optimizer": {"type": "AdamW",
+                                         "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True}},
                            "zero_optimization": {"stage": zero}, "steps_per_print": 10**9}
     if enabled:
         cfg["data_efficiency"] = {"enabled": True, "seed": 1234,

@@ -54,7 +54,7 @@ def dist_env():
 def config(**monitors) -> dict:
     return {
         "train_micro_batch_size_per_gpu": MB, "steps_per_print": 10**9,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
         "data_efficiency": {"enabled": True, "data_routing": {"enabled": True, "random_ltd": {
             "enabled": True, "total_layer_num": L, "model_mask_name": "attention_mask",
             "hidden_state_order": "batch_seq_dim",
