@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 import warnings
@@ -50,6 +51,7 @@ class Row:
     keep: int
     backend: str
     time_us: float
+    median_us: float
     gbps: float | None
     vs_clone: float | None
 
@@ -68,14 +70,33 @@ def device_name(device: str) -> str:
     return f"{model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
 
 
-def measure(fn: Callable[[], object], min_run_time: float) -> float:
-    """Median seconds per call after warm-up (Timer synchronises CUDA around each measured block)."""
-    for _ in range(3):
-        fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+@dataclass
+class Timing:
+    """Fastest and median of the per-call times of several interleaved blocks."""
+
+    best: float
+    median: float
+
+
+def measure_group(fns: dict[str, Callable[[], object]], block_time: float, rounds: int) -> dict[str, Timing]:
+    """Per-call seconds of each function, measured in interleaved blocks (round-robin over the functions).
+
+    Interleaving spreads interference from other processes over all backends alike; the fastest block is the least
+    disturbed estimate (timeit's advice), the median is kept beside it. torch's Timer synchronises CUDA around
+    each block.
+    """
+    timers, numbers = {}, {}
+    for name, fn in fns.items():
+        for _ in range(3):  # warm-up: allocator, caches, lazy CUDA init
+            fn()
+        timers[name] = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        once = timers[name].timeit(1).median
+        numbers[name] = max(1, int(block_time / max(once, 1e-7)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name in fns:
+            samples[name].append(timers[name].timeit(numbers[name]).median)
+    return {name: Timing(min(v), statistics.median(v)) for name, v in samples.items()}
 
 
 def load_deepspeed(device: str):
@@ -93,8 +114,8 @@ def load_deepspeed(device: str):
         return None
 
 
-def bench_tokens(shape: tuple[int, int, int], keep: int, dtype: torch.dtype, device: str, ds, min_run_time: float,
-                 ours: bool) -> list[Row]:
+def bench_tokens(shape: tuple[int, int, int], keep: int, dtype: torch.dtype, device: str, ds, block_time: float,
+                 rounds: int, ours: bool) -> list[Row]:
     s, b, h = shape
     x = torch.randn(shape, device=device).to(dtype)
     out_idx = torch.empty(1, b, keep, dtype=torch.long, device=device)
@@ -131,14 +152,15 @@ def bench_tokens(shape: tuple[int, int, int], keep: int, dtype: torch.dtype, dev
 
     rows = []
     for op, fns, nbytes in (("gather", gather, gather_bytes), ("scatter", scatter, scatter_bytes)):
-        clone_t = measure(fns["clone"], min_run_time)
-        for name, fn in fns.items():
-            t = clone_t if name == "clone" else measure(fn, min_run_time)
-            rows.append(Row(op, list(shape), keep, name, t * 1e6, nbytes / t / 1e9, clone_t / t))
+        timings = measure_group(fns, block_time, rounds)
+        clone_t = timings["clone"].best
+        for name, t in timings.items():
+            rows.append(Row(op, list(shape), keep, name, t.best * 1e6, t.median * 1e6, nbytes / t.best / 1e9,
+                            clone_t / t.best))
     return rows
 
 
-def bench_sampler(layers: int, b: int, s: int, keep: int, device: str, ds, min_run_time: float,
+def bench_sampler(layers: int, b: int, s: int, keep: int, device: str, ds, block_time: float, rounds: int,
                   ours: bool) -> list[Row]:
     out = torch.empty(layers, b, keep, dtype=torch.long, device=device)
     fns: dict[str, Callable[[], object]] = {
@@ -154,8 +176,15 @@ def bench_sampler(layers: int, b: int, s: int, keep: int, device: str, ds, min_r
             return ds.token_sort_(idx, s)
 
         fns["deepspeed"] = deepspeed_sample
-    return [Row("sample", [layers, b, s], keep, name, measure(fn, min_run_time) * 1e6, None, None)
-            for name, fn in fns.items()]
+    timings = measure_group(fns, block_time, rounds)
+    return [Row("sample", [layers, b, s], keep, name, t.best * 1e6, t.median * 1e6, None, None)
+            for name, t in timings.items()]
+
+
+# glibc serves allocations above 32 MiB with fresh mmap()s and unmaps them on free, so on CPU every large output
+# would be page-faulted in (kernel page zeroing dominating both our ops and clone). These keep freed memory in the
+# heap, so the CPU numbers measure the copies. They must be set before the process starts: main() re-executes itself.
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40), "MALLOC_TOP_PAD_": str(2**28)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,8 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads for CPU runs (default: torch's); 1 gives stable numbers on a "
                              "shared, oversubscribed machine where OpenMP barriers wait on descheduled threads")
+    parser.add_argument("--page-faults", action="store_true",
+                        help="CPU: keep glibc's default allocator behaviour (large outputs page-faulted every call)")
     args = parser.parse_args(argv)
     device = args.device
+    if device == "cpu" and not args.page_faults and argv is None and any(os.environ.get(k) != v
+                                                                         for k, v in MALLOC_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if device == "cuda" and not torch.cuda.is_available():
@@ -180,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if not ours:
         print(f"random_ltd extension unavailable on {device}: {status.reason}")
     ds = load_deepspeed(device)
-    min_run_time = 0.2 if args.quick else 1.0
+    block_time, rounds = (0.02, 3) if args.quick else (0.05, 9)
 
     h_main = 512 if args.quick else 2048
     token_cases = [((2048, 8, h_main), k) for k in (128, 512, 1024, 1920)]
@@ -193,23 +227,27 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     started = time.time()
     for shape, keep in token_cases:
-        rows += bench_tokens(shape, keep, torch.bfloat16, device, ds, min_run_time, ours)
+        rows += bench_tokens(shape, keep, torch.bfloat16, device, ds, block_time, rounds, ours)
         print(f"  done {shape} keep {keep}", flush=True)
     for case in sampler_cases:
-        rows += bench_sampler(*case, device, ds, min_run_time, ours)
+        rows += bench_sampler(*case, device, ds, block_time, rounds, ours)
 
     name = device_name(device)
     print(f"\nrandom_ltd token ops on {name} (torch {torch.__version__}, bf16, {time.time() - started:.0f}s)")
-    print(f"{'op':8} {'shape':>18} {'keep':>5} {'backend':>17} {'time us':>10} {'GB/s':>8} {'x clone':>8}")
+    print("time: fastest of the interleaved blocks (median beside it); GB/s and x clone from the fastest")
+    print(f"{'op':8} {'shape':>18} {'keep':>5} {'backend':>17} {'time us':>10} {'median':>10} {'GB/s':>8} "
+          f"{'x clone':>8}")
     for r in rows:
         gbps = f"{r.gbps:8.1f}" if r.gbps is not None else f"{'':8}"
         ratio = f"{r.vs_clone:8.2f}" if r.vs_clone is not None else f"{'':8}"
-        print(f"{r.op:8} {str(r.shape):>18} {r.keep:>5} {r.backend:>17} {r.time_us:10.1f} {gbps} {ratio}")
+        print(f"{r.op:8} {str(r.shape):>18} {r.keep:>5} {r.backend:>17} {r.time_us:10.1f} {r.median_us:10.1f} "
+              f"{gbps} {ratio}")
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps({
         "device": name,
         "threads": torch.get_num_threads(),
+        "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "device_type": device,
         "torch": torch.__version__,
@@ -218,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         "extension": {"loaded": status.loaded, "has_cuda": status.has_cuda, "source": status.source},
         "deepspeed": ds is not None,
         "bytes_note": "gather: 2*k*b*h*esize; scatter: 2*s*b*h*esize (minimum traffic, same for every backend)",
+        "timing_note": f"{rounds} interleaved blocks of ~{block_time * 1e3:.0f} ms per function; time_us = fastest "
+                       "block, median_us = median block; gbps and vs_clone use the fastest",
         "results": [asdict(r) for r in rows],
     }, indent=1) + "\n")
     print(f"\nwrote {out_path}")
