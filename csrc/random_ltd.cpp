@@ -97,7 +97,6 @@ void check_gather_args(const at::Tensor& x, const at::Tensor& indices, bool batc
               " has batch ", b, " (batch_first=", batch_first, ")");
   TORCH_CHECK(indices.size(1) <= s, op, ": indices keeps ", indices.size(1), " tokens but x of shape ", x.sizes(),
               " has only ", s, " (batch_first=", batch_first, ")");
-  TORCH_CHECK(s <= std::numeric_limits<int32_t>::max(), op, ": sequence length ", s, " of x exceeds 2^31 - 1");
 }
 
 void check_scatter_args(const at::Tensor& x, const at::Tensor& y, const at::Tensor& indices, bool batch_first,
@@ -205,10 +204,10 @@ at::Tensor scatter_tokens_cuda(const at::Tensor& x, const at::Tensor& y, const a
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t b = indices.size(0), k = indices.size(1), s = x.size(batch_first ? 1 : 0), h = x.size(2);
   at::Tensor out = at::empty_like(x);
-  // (b, position) -> kept slot map; b*s int32, from the caching allocator (no cudaMalloc in the hot path).
-  at::Tensor slot = at::empty({b, s}, x.options().dtype(at::kInt));
+  // Row of x -> replacing row of y (or -1): b*s int64 from the caching allocator (no cudaMalloc in the hot path).
+  at::Tensor y_rows = at::empty({b, s}, x.options().dtype(at::kLong));
   check_launch(cuda::scatter_tokens(x.const_data_ptr(), y.const_data_ptr(), indices.const_data_ptr<int64_t>(),
-                                    out.mutable_data_ptr(), slot.mutable_data_ptr<int32_t>(), b, s, k, h,
+                                    out.mutable_data_ptr(), y_rows.mutable_data_ptr<int64_t>(), b, s, k, h,
                                     copy_unit_bytes(x, op, "x"), batch_first,
                                     c10::cuda::getCurrentCUDAStream().stream()),
                op);

@@ -106,6 +106,19 @@ __device__ __forceinline__ int64_t row_of(int64_t b, int64_t pos, int64_t len, i
   return batch_first ? b * len + pos : pos * batch + b;
 }
 
+// n / d and n % d; 64-bit division is a long software sequence on the GPU, so use 32-bit when the caller knows
+// every n fits (`narrow`, uniform per launch).
+__device__ __forceinline__ void div_mod(int64_t n, int64_t d, bool narrow, int64_t& q, int64_t& r) {
+  if (narrow) {
+    const uint32_t q32 = static_cast<uint32_t>(n) / static_cast<uint32_t>(d);
+    q = q32;
+    r = n - static_cast<int64_t>(q32) * d;
+  } else {
+    q = n / d;
+    r = n - q * d;
+  }
+}
+
 // Groups of `group` lanes (a power of two <= 32) each copy one output row; grid-stride over rows, so a capped grid
 // covers any number of rows and short rows still fill the machine.
 template <typename Elem>
@@ -115,10 +128,13 @@ __global__ void __launch_bounds__(kCopyThreads)
   const int lane = threadIdx.x & (group - 1);
   const int64_t groups_per_block = kCopyThreads / group;
   const int64_t rows = batch * keep;
+  const bool narrow = rows <= static_cast<int64_t>(UINT32_MAX);
   for (int64_t r = blockIdx.x * groups_per_block + threadIdx.x / group; r < rows;
        r += static_cast<int64_t>(gridDim.x) * groups_per_block) {
-    const int64_t b = batch_first ? r / keep : r % batch;
-    const int64_t j = batch_first ? r % keep : r / batch;
+    int64_t outer, inner;
+    div_mod(r, batch_first ? keep : batch, narrow, outer, inner);
+    const int64_t b = batch_first ? outer : inner;
+    const int64_t j = batch_first ? inner : outer;
     const int64_t pos = indices[b * keep + j];
     if (pos < 0 || pos >= seq_len) {  // Validated in Python; never read out of bounds.
       zero_row(out + r * h, h, lane, group);
@@ -128,14 +144,20 @@ __global__ void __launch_bounds__(kCopyThreads)
   }
 }
 
-__global__ void fill_slot_kernel(const int64_t* __restrict__ indices, int32_t* __restrict__ slot, int64_t batch,
-                                 int64_t seq_len, int64_t keep) {
+// y_row_of[row of x] = the row of y that replaces it, or -1 (memset beforehand). Indexed like the output, so the
+// copy kernel needs no index arithmetic at all.
+__global__ void fill_y_rows_kernel(const int64_t* __restrict__ indices, int64_t* __restrict__ y_row_of,
+                                   int64_t batch, int64_t seq_len, int64_t keep, bool batch_first) {
   const int64_t n = batch * keep;
+  const bool narrow = n <= static_cast<int64_t>(UINT32_MAX);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t b = i / keep;
+    int64_t b, j;
+    div_mod(i, keep, narrow, b, j);
     const int64_t pos = indices[i];
-    if (pos >= 0 && pos < seq_len) slot[b * seq_len + pos] = static_cast<int32_t>(i % keep);
+    if (pos >= 0 && pos < seq_len) {
+      y_row_of[row_of(b, pos, seq_len, batch, batch_first)] = row_of(b, j, keep, batch, batch_first);
+    }
   }
 }
 
@@ -143,19 +165,14 @@ __global__ void fill_slot_kernel(const int64_t* __restrict__ indices, int32_t* _
 // traffic instead of the 2*|x| + 2*|y| of copy-then-overwrite (up to ~2x less when almost every token is kept).
 template <typename Elem>
 __global__ void __launch_bounds__(kCopyThreads)
-    scatter_kernel(const Elem* __restrict__ x, const Elem* __restrict__ y, const int32_t* __restrict__ slot,
-                   Elem* __restrict__ out, int64_t batch, int64_t seq_len, int64_t keep, int64_t h, bool batch_first,
-                   int group) {
+    scatter_kernel(const Elem* __restrict__ x, const Elem* __restrict__ y, const int64_t* __restrict__ y_row_of,
+                   Elem* __restrict__ out, int64_t rows, int64_t h, int group) {
   const int lane = threadIdx.x & (group - 1);
   const int64_t groups_per_block = kCopyThreads / group;
-  const int64_t rows = batch * seq_len;
   for (int64_t r = blockIdx.x * groups_per_block + threadIdx.x / group; r < rows;
        r += static_cast<int64_t>(gridDim.x) * groups_per_block) {
-    const int64_t b = batch_first ? r / seq_len : r % batch;
-    const int64_t pos = batch_first ? r % seq_len : r / batch;
-    const int32_t j = slot[b * seq_len + pos];
-    const Elem* src = j < 0 ? x + r * h : y + row_of(b, j, keep, batch, batch_first) * h;
-    copy_row(out + r * h, src, h, lane, group);
+    const int64_t yr = y_row_of[r];
+    copy_row(out + r * h, yr < 0 ? x + r * h : y + yr * h, h, lane, group);
   }
 }
 
@@ -186,13 +203,13 @@ cudaError_t launch_gather(const void* x, const int64_t* indices, void* out, int6
 }
 
 template <int kBytes>
-cudaError_t launch_scatter(const void* x, const void* y, const int32_t* slot, void* out, int64_t batch,
-                           int64_t seq_len, int64_t keep, int64_t hidden, bool batch_first, cudaStream_t stream) {
+cudaError_t launch_scatter(const void* x, const void* y, const int64_t* y_row_of, void* out, int64_t rows,
+                           int64_t hidden, cudaStream_t stream) {
   using Elem = typename ElemOf<kBytes>::type;
   const int group = lanes_per_row(hidden * kBytes);
-  scatter_kernel<Elem><<<copy_grid(batch * seq_len, group), kCopyThreads, 0, stream>>>(
-      static_cast<const Elem*>(x), static_cast<const Elem*>(y), slot, static_cast<Elem*>(out), batch, seq_len, keep,
-      hidden, batch_first, group);
+  scatter_kernel<Elem><<<copy_grid(rows, group), kCopyThreads, 0, stream>>>(
+      static_cast<const Elem*>(x), static_cast<const Elem*>(y), y_row_of, static_cast<Elem*>(out), rows, hidden,
+      group);
   return cudaGetLastError();
 }
 
@@ -298,25 +315,29 @@ __global__ void __launch_bounds__(kSampleThreads)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// slice_attention_mask: one thread per output element, grid-stride, int64 indexing, strided mask reads.
-template <typename Elem>
+// slice_attention_mask: one thread per output element, grid-stride, strided mask reads. Index is the type of the
+// element-number arithmetic: uint32 when the output has < 2^32 elements (64-bit division is slow on the GPU),
+// int64 otherwise; mask offsets are always int64.
+template <typename Elem, typename Index>
 __global__ void slice_mask_kernel(const Elem* __restrict__ mask, const int64_t* __restrict__ indices,
-                                  Elem* __restrict__ out, int64_t batch, int64_t heads, int64_t seq_len, int64_t keep,
+                                  Elem* __restrict__ out, Index n, Index heads, Index keep, int64_t seq_len,
                                   bool broadcast, int64_t st0, int64_t st1, int64_t st2, int64_t st3) {
-  const int64_t n = batch * heads * keep * keep;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t q = e % keep;
-    const int64_t p = (e / keep) % keep;
-    const int64_t hh = (e / (keep * keep)) % heads;
-    const int64_t i = e / (keep * keep * heads);
-    const int64_t rp = indices[i * keep + p];
-    const int64_t cq = indices[i * keep + q];
+  for (Index e = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<Index>(gridDim.x) * blockDim.x) {
+    const Index q = e % keep;
+    const Index rest = e / keep;  // (i * heads + hh) * keep + p
+    const Index p = rest % keep;
+    const Index ih = rest / keep;  // i * heads + hh
+    const Index hh = ih % heads;
+    const Index i = ih / heads;
+    const int64_t rp = indices[static_cast<int64_t>(i) * keep + p];
+    const int64_t cq = indices[static_cast<int64_t>(i) * keep + q];
     if (rp < 0 || rp >= seq_len || cq < 0 || cq >= seq_len) {  // Validated in Python; never read out of bounds.
       out[e] = Elem{};
       continue;
     }
-    out[e] = mask[(broadcast ? 0 : i * st0) + hh * st1 + rp * st2 + cq * st3];
+    out[e] = mask[(broadcast ? 0 : static_cast<int64_t>(i) * st0) + static_cast<int64_t>(hh) * st1 + rp * st2 +
+                  cq * st3];
   }
 }
 
@@ -332,9 +353,18 @@ cudaError_t launch_slice_mask(const void* mask, const int64_t* indices, void* ou
   using Elem = typename ElemOf<kBytes>::type;
   constexpr int kThreads = 256;
   const int64_t n = batch * heads * keep * keep;
-  slice_mask_kernel<Elem><<<elementwise_grid(n, kThreads), kThreads, 0, stream>>>(
-      static_cast<const Elem*>(mask), indices, static_cast<Elem*>(out), batch, heads, seq_len, keep, broadcast, st[0],
-      st[1], st[2], st[3]);
+  const int grid = elementwise_grid(n, kThreads);
+  const auto* src = static_cast<const Elem*>(mask);
+  auto* dst = static_cast<Elem*>(out);
+  // The grid-stride loop adds at most grid * kThreads past n, hence the margin in the 32-bit test.
+  if (n + static_cast<int64_t>(grid) * kThreads <= static_cast<int64_t>(UINT32_MAX)) {
+    slice_mask_kernel<Elem, uint32_t><<<grid, kThreads, 0, stream>>>(
+        src, indices, dst, static_cast<uint32_t>(n), static_cast<uint32_t>(heads), static_cast<uint32_t>(keep), seq_len,
+        broadcast, st[0], st[1], st[2], st[3]);
+  } else {
+    slice_mask_kernel<Elem, int64_t><<<grid, kThreads, 0, stream>>>(src, indices, dst, n, heads, keep, seq_len,
+                                                                     broadcast, st[0], st[1], st[2], st[3]);
+  }
   return cudaGetLastError();
 }
 
@@ -353,30 +383,30 @@ cudaError_t gather_tokens(const void* x, const int64_t* indices, void* out, int6
   }
 }
 
-cudaError_t scatter_tokens(const void* x, const void* y, const int64_t* indices, void* out, int32_t* slot_workspace,
+cudaError_t scatter_tokens(const void* x, const void* y, const int64_t* indices, void* out, int64_t* y_row_workspace,
                            int64_t batch, int64_t seq_len, int64_t keep, int64_t hidden, int64_t elem_size,
                            bool batch_first, cudaStream_t stream) {
-  if (batch * seq_len * hidden == 0) return cudaSuccess;
+  const int64_t rows = batch * seq_len;
+  if (rows * hidden == 0) return cudaSuccess;
   if (elem_size != 1 && elem_size != 2 && elem_size != 4 && elem_size != 8 && elem_size != 16) {
     return cudaErrorInvalidValue;
   }
-  // slot[b, pos] = -1 (all bytes 0xFF), then the kept slot j for each index.
-  cudaError_t err = cudaMemsetAsync(slot_workspace, 0xFF, static_cast<size_t>(batch * seq_len) * sizeof(int32_t),
-                                    stream);
+  // All bytes 0xFF = -1 (row kept from x), then the replacing y row for each index.
+  cudaError_t err = cudaMemsetAsync(y_row_workspace, 0xFF, static_cast<size_t>(rows) * sizeof(int64_t), stream);
   if (err != cudaSuccess) return err;
   if (batch * keep > 0) {
     constexpr int kThreads = 256;
-    fill_slot_kernel<<<elementwise_grid(batch * keep, kThreads), kThreads, 0, stream>>>(indices, slot_workspace,
-                                                                                        batch, seq_len, keep);
+    fill_y_rows_kernel<<<elementwise_grid(batch * keep, kThreads), kThreads, 0, stream>>>(
+        indices, y_row_workspace, batch, seq_len, keep, batch_first);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   switch (elem_size) {
-    case 1: return launch_scatter<1>(x, y, slot_workspace, out, batch, seq_len, keep, hidden, batch_first, stream);
-    case 2: return launch_scatter<2>(x, y, slot_workspace, out, batch, seq_len, keep, hidden, batch_first, stream);
-    case 4: return launch_scatter<4>(x, y, slot_workspace, out, batch, seq_len, keep, hidden, batch_first, stream);
-    case 8: return launch_scatter<8>(x, y, slot_workspace, out, batch, seq_len, keep, hidden, batch_first, stream);
-    default: return launch_scatter<16>(x, y, slot_workspace, out, batch, seq_len, keep, hidden, batch_first, stream);
+    case 1: return launch_scatter<1>(x, y, y_row_workspace, out, rows, hidden, stream);
+    case 2: return launch_scatter<2>(x, y, y_row_workspace, out, rows, hidden, stream);
+    case 4: return launch_scatter<4>(x, y, y_row_workspace, out, rows, hidden, stream);
+    case 8: return launch_scatter<8>(x, y, y_row_workspace, out, rows, hidden, stream);
+    default: return launch_scatter<16>(x, y, y_row_workspace, out, rows, hidden, stream);
   }
 }
 

@@ -21,8 +21,8 @@ cudaError_t gather_tokens(const void* x, const int64_t* indices, void* out, int6
                           int64_t keep, int64_t hidden, int64_t elem_size, bool batch_first, cudaStream_t stream);
 
 // out = x with rows (b, indices[b, j]) taken from y[(b, j)]; every output row is written once, from x or y.
-// slot_workspace: int32 scratch of batch * seq_len entries (the (b, position) -> j map).
-cudaError_t scatter_tokens(const void* x, const void* y, const int64_t* indices, void* out, int32_t* slot_workspace,
+// y_row_workspace: int64 scratch of batch * seq_len entries (row of x -> replacing row of y, or -1).
+cudaError_t scatter_tokens(const void* x, const void* y, const int64_t* indices, void* out, int64_t* y_row_workspace,
                            int64_t batch, int64_t seq_len, int64_t keep, int64_t hidden, int64_t elem_size,
                            bool batch_first, cudaStream_t stream);
 
