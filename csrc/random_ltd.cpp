@@ -11,6 +11,7 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <cstdint>
 #include <limits>
@@ -48,8 +49,10 @@ int64_t copy_unit_bytes(const at::Tensor& t, const char* op, const char* arg) {
     case at::kFloat8_e4m3fn:
     case at::kFloat8_e5m2fnuz:
     case at::kFloat8_e4m3fnuz:
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)  // Added in torch 2.7/2.8.
     case at::kFloat8_e8m0fnu:
     case at::kFloat4_e2m1fn_x2:  // Two fp4 values per byte: rows are whole bytes, so a byte copy is exact.
+#endif
       return 1;
     case at::kHalf:
     case at::kBFloat16:
