@@ -144,7 +144,12 @@ def read_finished_run(path: Path, timeout: float = 60.0) -> list:
     """
     deadline = time.monotonic() + timeout
     while True:
-        records = read_wandb_records(path)
+        try:
+            records = read_wandb_records(path)
+        except AssertionError:  # cut in the middle of a record: still being written
+            if time.monotonic() > deadline:
+                raise
+            records = []
         if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
             return records
         time.sleep(0.2)
