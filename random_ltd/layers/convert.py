@@ -79,8 +79,9 @@ def find_layers(model: nn.Module, layers: LayerSpec = None) -> list[nn.Module]:
 def get_random_ltd_state(model: Any) -> RandomLTDState | None:
     """The state shared by the wrapped layers of ``model`` (None if nothing is wrapped)."""
     for m in _unwrap_engine(model).modules():
-        if isinstance(m, RandomLTDLayer):
-            return m.random_ltd_state
+        state = getattr(m, "random_ltd_state", None) if isinstance(m, RandomLTDLayer) else None
+        if state is not None:
+            return state
     return None
 
 
@@ -145,9 +146,14 @@ def convert_to_random_ltd(
             data_parallel_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         state = RandomLTDState(seed=config.seed, data_parallel_rank=data_parallel_rank, total_layers=total)
         root.register_forward_pre_hook(_micro_batch_hook(state))
+    elif data_parallel_rank is not None:
+        state.data_parallel_rank = data_parallel_rank
     mask_names = tuple(dict.fromkeys(((config.model_mask_name,) if config.model_mask_name else ()) +
                                      DEFAULT_MASK_NAMES))
-    for i in ids:
+    # Layers built as random-LTD layers (e.g. megatron-core's one BERT spec for all layers) but outside ``ids`` get
+    # the state too: they then run at full length, as the schedule never gives them a kept length.
+    prebuilt = [i for i, m in enumerate(found) if isinstance(m, RandomLTDLayer) and i not in ids]
+    for i in sorted({*ids, *prebuilt}):
         opts = RandomLTDLayerOptions(layer_id=i, batch_first=config.hidden_state_order == "batch_seq_dim",
                                      mask_names=mask_names)
         wrap_layer(found[i], state, opts)

@@ -17,7 +17,8 @@ from torch import nn
 from random_ltd.layers.state import RandomLTDState
 from random_ltd.ops import gather_positions, gather_tokens, scatter_tokens, slice_attention_mask
 
-__all__ = ["RandomLTDLayer", "RandomLTDLayerOptions", "wrap_layer", "unwrap_random_ltd", "DEFAULT_POSITION_NAMES"]
+__all__ = ["RandomLTDLayer", "RandomLTDLayerOptions", "wrap_layer", "unwrap_random_ltd", "register_layer_mixin",
+           "DEFAULT_POSITION_NAMES"]
 
 #: keyword names whose values are per-token positions (gathered with the kept indices)
 DEFAULT_POSITION_NAMES = ("position_ids", "rotary_pos_emb", "position_embeddings", "cache_position")
@@ -57,6 +58,10 @@ class RandomLTDLayer(nn.Module):
 
     random_ltd_options: RandomLTDLayerOptions
     random_ltd_state: RandomLTDState
+
+    @classmethod
+    def check_supported(cls, layer: nn.Module) -> None:
+        """Raise if ``layer`` is configured in a way this wrapper cannot handle (framework mixins override)."""
 
     def forward(self, *args, **kwargs):
         inner = super().forward
@@ -113,14 +118,31 @@ def _positional_indices(layer: nn.Module, names: Iterable[str]) -> dict[str, int
 
 
 _CLASS_CACHE: dict[type, type] = {}
+#: (layer base class, RandomLTDLayer subclass) pairs registered by framework adapters, most specific first
+_MIXINS: list[tuple[type, type]] = []
+
+
+def register_layer_mixin(base: type, mixin: type) -> None:
+    """Use ``mixin`` (a ``RandomLTDLayer`` subclass) instead of the generic one for layers derived from ``base``.
+
+    Framework adapters register here (e.g. megatron-core's ``TransformerLayer``), so that ``wrap_layer`` and
+    ``convert_to_random_ltd`` apply the framework-aware forward to any layer of that framework.
+    """
+    if not (isinstance(mixin, type) and issubclass(mixin, RandomLTDLayer)):
+        raise TypeError(f"mixin must be a RandomLTDLayer subclass, got {mixin!r}")
+    if any(b is base for b, _ in _MIXINS):
+        return
+    _MIXINS.append((base, mixin))
+    _MIXINS.sort(key=lambda bm: -len(bm[0].__mro__))  # most derived base first
 
 
 def _wrapped_class(cls: type) -> type:
     if issubclass(cls, RandomLTDLayer):
         return cls
     if cls not in _CLASS_CACHE:
+        mixin = next((m for b, m in _MIXINS if issubclass(cls, b)), RandomLTDLayer)
         # Defined at module level through a cache so that every wrapped GPT2Block shares one class.
-        _CLASS_CACHE[cls] = type(f"RandomLTD{cls.__name__}", (RandomLTDLayer, cls), {"__module__": cls.__module__})
+        _CLASS_CACHE[cls] = type(f"RandomLTD{cls.__name__}", (mixin, cls), {"__module__": cls.__module__})
     return _CLASS_CACHE[cls]
 
 
@@ -129,7 +151,9 @@ def wrap_layer(layer: nn.Module, state: RandomLTDState, options: RandomLTDLayerO
     if not isinstance(layer, nn.Module):
         raise TypeError(f"layer must be an nn.Module, got {type(layer).__name__}")
     options._positional = _positional_indices(layer, (*options.mask_names, *options.position_names))
-    layer.__class__ = _wrapped_class(type(layer))
+    cls = _wrapped_class(type(layer))
+    cls.check_supported(layer)
+    layer.__class__ = cls
     layer.random_ltd_options = options
     layer.random_ltd_state = state
     return layer
@@ -141,4 +165,5 @@ def unwrap_random_ltd(layers: Sequence[nn.Module] | nn.Module) -> None:
     for m in list(modules):
         if isinstance(m, RandomLTDLayer):
             m.__class__ = next(c for c in type(m).__mro__ if not issubclass(c, RandomLTDLayer))
-            del m.random_ltd_options, m.random_ltd_state
+            m.__dict__.pop("random_ltd_options", None)
+            m.__dict__.pop("random_ltd_state", None)

@@ -84,6 +84,18 @@ class RandomLTDState:
         return sample_sorted_indices(1, batch, seq_len, keep, seed=self.effective_seed, step=self.step,
                                      micro_batch=max(self.micro_batch, 0), layer_offset=layer_id, device=device)[0]
 
+    def sharded_indices(self, layer_id: int, batch: int, shard_len: int, keep_per_shard: int, shards: int,
+                        device: torch.device) -> torch.Tensor:
+        """Stratified indices ``[shards, batch, keep_per_shard]``: a sequence split into ``shards`` contiguous shards.
+
+        Sequence parallelism: each tensor-parallel rank keeps ``keep_per_shard`` sorted positions of its own shard.
+        Every rank computes the picks of all shards from the same counter key, so the global kept positions
+        (``picks + shard * shard_len``, sorted by construction) are known everywhere without communication.
+        """
+        return sample_sorted_indices(shards, batch, shard_len, keep_per_shard, seed=self.effective_seed,
+                                     step=self.step, micro_batch=max(self.micro_batch, 0),
+                                     layer_offset=layer_id * shards, device=device)
+
     def record(self, layer_id: int, batch: int, seq_len: int, kept: int) -> None:
         """Note what a wrapped layer ran. Recompute overwrites the same entry, so nothing is counted twice."""
         self._pending[layer_id] = (batch, seq_len, kept)

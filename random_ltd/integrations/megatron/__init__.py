@@ -1,0 +1,33 @@
+"""megatron-core integration: a random-LTD ``TransformerLayer``, GPT/BERT ModuleSpecs, and the CPU shim.
+
+Importing this package applies ``apply_cpu_shim()`` when CUDA is absent (a no-op on GPU machines), so megatron-core
+models train on CPU with gloo.
+"""
+
+from random_ltd.integrations.megatron.cpu_shim import apply_cpu_shim, cpu_shim_applied
+
+apply_cpu_shim()
+
+from random_ltd.integrations.megatron.layer import (  # noqa: E402 - after the shim
+    RandomLTDMegatronLayer,
+    RandomLTDTransformerLayer,
+    unsupported_reasons,
+)
+from random_ltd.integrations.megatron.parallel import deepspeed_mpu  # noqa: E402
+from random_ltd.integrations.megatron.specs import (  # noqa: E402
+    bert_layer_spec,
+    gpt_layer_specs,
+    random_ltd_layer_ids,
+)
+
+__all__ = [
+    "RandomLTDMegatronLayer",
+    "RandomLTDTransformerLayer",
+    "apply_cpu_shim",
+    "bert_layer_spec",
+    "cpu_shim_applied",
+    "deepspeed_mpu",
+    "gpt_layer_specs",
+    "random_ltd_layer_ids",
+    "unsupported_reasons",
+]
