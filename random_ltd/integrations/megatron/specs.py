@@ -62,6 +62,7 @@ def gpt_layer_specs(
     *,
     base_spec: ModuleSpec | None = None,
     use_transformer_engine: bool = False,
+    layer_norm: type | ModuleSpec | None = None,
 ) -> TransformerBlockSubmodules:
     """Decoder block spec for ``GPTModel(transformer_layer_spec=...)`` with random-LTD middle layers.
 
@@ -72,6 +73,7 @@ def gpt_layer_specs(
         base_spec: the layer spec to start from; default: ``get_gpt_layer_local_spec()``, or
             ``get_gpt_layer_with_transformer_engine_spec()`` with ``use_transformer_engine``.
         use_transformer_engine: pick the Transformer Engine base spec and final norm (TE must be installed).
+        layer_norm: the final norm of the block; default: megatron's (``TENorm``, or the local ``LNImpl``).
 
     Raises:
         ValueError: a config that disagrees with ``num_layers``. ImportError: TE requested but not installed.
@@ -89,7 +91,7 @@ def gpt_layer_specs(
         norm = _local_norm()
     ltd_spec = _layer_spec(base_spec)
     return TransformerBlockSubmodules(layer_specs=[ltd_spec if i in ids else base_spec for i in range(num_layers)],
-                                      layer_norm=norm)
+                                      layer_norm=layer_norm or norm)
 
 
 def bert_layer_spec(base_spec: ModuleSpec | None = None, *, use_transformer_engine: bool = False) -> ModuleSpec:
