@@ -19,19 +19,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from megatron_models import VOCAB, gpt_config  # noqa: E402
 
 from random_ltd import RandomLTDConfig  # noqa: E402
-from random_ltd.integrations.megatron import gpt_layer_specs  # noqa: E402
+from random_ltd.integrations.megatron import SequenceParallelLayerNorm, gpt_layer_specs  # noqa: E402
 from random_ltd.layers import convert_to_random_ltd  # noqa: E402
 
 SEQ, BATCH, KEEP = 32, 2, 12
-
-
-class SequenceParallelLayerNorm(torch.nn.LayerNorm):
-    """torch LayerNorm usable under sequence parallelism (megatron's local norm refuses it)."""
-
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5) -> None:
-        super().__init__(hidden_size, eps=eps)
-        for p in self.parameters():
-            p.sequence_parallel = True
 
 
 def sp_base_spec():

@@ -13,7 +13,11 @@ from random_ltd.integrations.megatron.layer import (  # noqa: E402 - after the s
     RandomLTDTransformerLayer,
     unsupported_reasons,
 )
-from random_ltd.integrations.megatron.parallel import deepspeed_mpu  # noqa: E402
+from random_ltd.integrations.megatron.parallel import (  # noqa: E402
+    SequenceParallelLayerNorm,
+    allreduce_sequence_parallel_grads,
+    deepspeed_mpu,
+)
 from random_ltd.integrations.megatron.specs import (  # noqa: E402
     bert_layer_spec,
     gpt_layer_specs,
@@ -23,6 +27,8 @@ from random_ltd.integrations.megatron.specs import (  # noqa: E402
 __all__ = [
     "RandomLTDMegatronLayer",
     "RandomLTDTransformerLayer",
+    "SequenceParallelLayerNorm",
+    "allreduce_sequence_parallel_grads",
     "apply_cpu_shim",
     "bert_layer_spec",
     "cpu_shim_applied",

@@ -1,0 +1,223 @@
+"""What launch/pretrain_gpt.py and launch/pretrain_bert.py share: Megatron-style arguments, process groups, the
+DeepSpeed config with the random-LTD block, and the training loop on the engine ``random_ltd.initialize`` returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def add_common_args(p: argparse.ArgumentParser, *, num_layers: int, hidden: int, heads: int, seq: int) -> None:
+    """Megatron-style arguments (``--num-layers`` ...) plus ``--deepspeed_config`` and ``--baseline``."""
+    p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON config (with the random-LTD block)")
+    p.add_argument("--baseline", action="store_true", help="switch random-LTD off (keeps layer-token accounting)")
+    p.add_argument("--num-layers", type=int, default=num_layers)
+    p.add_argument("--hidden-size", type=int, default=hidden)
+    p.add_argument("--num-attention-heads", type=int, default=heads)
+    p.add_argument("--seq-length", type=int, default=seq)
+    p.add_argument("--micro-batch-size", type=int, default=None, help="overrides train_micro_batch_size_per_gpu")
+    p.add_argument("--global-batch-size", type=int, default=None, help="overrides train_batch_size")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="megatron sequence parallelism (needs tp > 1 and ZeRO stage 0 on this entry point)")
+    p.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    p.add_argument("--train-iters", type=int, default=200)
+    p.add_argument("--train-tokens", type=float, default=None, help="train this many tokens (sets --train-iters)")
+    p.add_argument("--train-layer-tokens", type=float, default=None,
+                   help="stop once this many layer-tokens are consumed (equal-budget comparisons)")
+    p.add_argument("--eval-interval", type=int, default=50)
+    p.add_argument("--eval-iters", type=int, default=8)
+    p.add_argument("--data-path", default=None,
+                   help="Megatron indexed dataset prefix (PREFIX.bin/.idx); default: the embedded corpus")
+    p.add_argument("--valid-data-path", default=None, help="validation prefix (default: last 2%% of --data-path)")
+    p.add_argument("--vocab-size", type=int, default=None, help="vocabulary of --data-path (default: bytes)")
+    p.add_argument("--data-cache-dir", default=None, help="where the embedded corpus is written once")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--save", default=None, help="checkpoint directory")
+    p.add_argument("--save-interval", type=int, default=None, help="also save every N steps")
+    p.add_argument("--load", default=None, help="checkpoint directory to resume from")
+    p.add_argument("--results", default=None, help="JSON file for rank 0's results")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.sequence_parallel and args.tensor_model_parallel_size < 2:
+        raise SystemExit("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if args.data_path is not None and args.vocab_size is None:
+        raise SystemExit("--data-path needs --vocab-size (the tokenizer's vocabulary size)")
+
+
+def deepspeed_config(args: argparse.Namespace) -> dict:
+    """The DeepSpeed config with the random-LTD block fitted to the model and the ``--baseline`` switch."""
+    with open(args.deepspeed_config) as f:
+        ds = json.load(f)
+    if args.micro_batch_size is not None:
+        ds["train_micro_batch_size_per_gpu"] = args.micro_batch_size
+    if args.global_batch_size is not None:
+        ds["train_batch_size"] = args.global_batch_size
+    if "train_batch_size" in ds and "train_micro_batch_size_per_gpu" in ds:
+        # DeepSpeed derives accumulation from the data-parallel size, which tensor parallelism changes
+        ds.pop("gradient_accumulation_steps", None)
+    if args.sequence_parallel and ds.get("zero_optimization", {}).get("stage", 0) != 0:
+        raise SystemExit("--sequence-parallel: this entry point all-reduces sequence-parallel LayerNorm gradients "
+                         "itself, which needs ZeRO stage 0")
+    block = ds.setdefault("data_efficiency", {}).setdefault("data_routing", {}).setdefault("random_ltd", {})
+    if args.baseline:
+        # the baseline keeps the config's iteration "scheduler" block; LayerToken LR belongs to random-LTD
+        block["enabled"] = False
+        block.get("layer_token_lr_schedule", {})["enabled"] = False
+        return ds
+    block.setdefault("total_layer_num", args.num_layers)
+    block["hidden_state_order"] = "seq_batch_dim"  # megatron-core layers are [s, b, h]
+    block.setdefault("random_ltd_schedule", {}).setdefault("max_value", args.seq_length)
+    return ds
+
+
+def init_parallel(args: argparse.Namespace) -> None:
+    """torch.distributed (gloo on CPU, nccl on GPU) and megatron's tensor-parallel groups and RNG."""
+    import deepspeed
+    from megatron.core import parallel_state, tensor_parallel
+
+    import random_ltd.integrations.megatron  # noqa: F401 - applies the CPU shim when CUDA is absent
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(args.local_rank)
+    parallel_state.initialize_model_parallel(args.tensor_model_parallel_size, 1)
+    torch.manual_seed(args.seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+    local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def transformer_config(args: argparse.Namespace, **extra: Any):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kw = dict(num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+              tensor_model_parallel_size=args.tensor_model_parallel_size, sequence_parallel=args.sequence_parallel,
+              use_cpu_initialization=not torch.cuda.is_available(), hidden_dropout=0.0, attention_dropout=0.0,
+              recompute_granularity=args.recompute_granularity)
+    if args.recompute_granularity == "full":
+        kw.update(recompute_method="uniform", recompute_num_layers=1)
+    kw.update(extra)
+    return TransformerConfig(**kw)
+
+
+def layer_norm_override(args: argparse.Namespace):
+    """On CPU under sequence parallelism megatron's local norm refuses to run; use ours (grads all-reduced here)."""
+    if not args.sequence_parallel or torch.cuda.is_available():
+        return None
+    from random_ltd.integrations.megatron import SequenceParallelLayerNorm
+
+    return SequenceParallelLayerNorm
+
+
+def sequence_parallel_spec(base_spec):
+    """``base_spec`` with ``SequenceParallelLayerNorm`` for its norms (CPU sequence parallelism)."""
+    import dataclasses
+
+    from random_ltd.integrations.megatron import SequenceParallelLayerNorm
+
+    sub = dataclasses.replace(base_spec.submodules, input_layernorm=SequenceParallelLayerNorm,
+                              pre_mlp_layernorm=SequenceParallelLayerNorm)
+    return dataclasses.replace(base_spec, submodules=sub)
+
+
+def train(args: argparse.Namespace, engine: Any, batch_loss: Callable[[Any, int, int], torch.Tensor],
+          eval_loss: Callable[[Any, int, int], float], arm: str) -> dict:
+    """The training loop: same data order in every arm, validation every ``--eval-interval`` steps, checkpoints.
+
+    ``batch_loss(engine, index, micro)`` returns the loss of global micro-batch ``index`` for this data-parallel rank;
+    ``eval_loss(engine, i, micro)`` the validation loss of validation batch ``i``.
+    """
+    from megatron.core import parallel_state
+
+    from random_ltd.integrations.megatron import allreduce_sequence_parallel_grads
+
+    if args.load:
+        engine.load_checkpoint(args.load)
+    rank = engine.global_rank
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    sched = engine.random_ltd_schedule
+    train_iters = args.train_iters
+    if args.train_tokens is not None:
+        train_iters = math.ceil(args.train_tokens / (engine.train_batch_size() * args.seq_length))
+
+    def evaluate() -> float:
+        engine.eval()
+        with torch.no_grad():
+            losses = [eval_loss(engine, i, micro) for i in range(args.eval_iters)]
+        engine.train()
+        return sum(losses) / len(losses)
+
+    bar = None
+    if rank == 0 and not args.no_progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=train_iters, initial=sched.step, desc=arm, unit="step", dynamic_ncols=True)
+        except ImportError:
+            bar = None
+    curve, start, step, loss = [], time.perf_counter(), sched.step, torch.tensor(math.nan)
+    while step < train_iters:
+        if args.train_layer_tokens is not None and sched.consumed_layer_tokens >= args.train_layer_tokens:
+            break
+        for mb in range(gas):
+            loss = batch_loss(engine, (step * gas + mb) * dp_size + dp_rank, micro)
+            engine.backward(loss)
+            if args.sequence_parallel and engine.is_gradient_accumulation_boundary():
+                allreduce_sequence_parallel_grads(engine.module)
+            engine.step()
+        step = sched.step
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", saved=f"{100 * sched.saved_fraction:.1f}%")
+        if args.save and args.save_interval and step % args.save_interval == 0:
+            engine.save_checkpoint(args.save)
+        if step % args.eval_interval == 0 or step == train_iters:
+            val = evaluate()
+            curve.append({"step": step, "layer_tokens": sched.consumed_layer_tokens, "val_loss": val,
+                          "train_loss": loss.item()})
+            if rank == 0:
+                msg = (f"step {step:5d} | loss {loss.item():.4f} | val {val:.4f} | kept "
+                       f"{engine.random_ltd_monitor.last.get('random_ltd/kept_length', 0):.0f} | saved "
+                       f"{100 * sched.saved_fraction:.1f}% | lr {engine.get_lr()[0]:.2e}")
+                (bar.write if bar is not None else print)(msg)
+    wall = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    if args.save:
+        engine.save_checkpoint(args.save)
+    if not curve or curve[-1]["step"] != step:
+        curve.append({"step": step, "layer_tokens": sched.consumed_layer_tokens, "val_loss": evaluate(),
+                      "train_loss": loss.item()})
+    result = {
+        "arm": arm,
+        "steps": sched.step,
+        "consumed_layer_tokens": sched.consumed_layer_tokens,
+        "baseline_layer_tokens": sched.baseline_layer_tokens,
+        "saved_percent": 100 * sched.saved_fraction,
+        "final_val_loss": curve[-1]["val_loss"],
+        "wall_s": wall,
+        "curve": curve,
+        "world_size": engine.world_size,
+        "tensor_model_parallel_size": args.tensor_model_parallel_size,
+    }
+    if rank == 0:
+        print(engine.random_ltd_summary(), flush=True)
+        if args.results:
+            os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+            with open(args.results, "w") as f:
+                json.dump(result, f, indent=1)
+    return result
