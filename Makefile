@@ -15,6 +15,7 @@ $(VENV)/.installed: setup.py requirements.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --ignore-requires-python megatron-core==0.19.2
 	$(BIN)/pip install -q --no-build-isolation -e .
 	touch $@
 
