@@ -7,7 +7,7 @@
 set -euo pipefail
 NPROC="${NPROC:-1}"
 export LOCAL_SIZE="${LOCAL_SIZE:-$NPROC}"
-script="$(dirname "$0")/pretrain_gpt.py"
+script="$(dirname "$0")/${SCRIPT:-pretrain_gpt.py}"   # SCRIPT=pretrain_bert.py for BERT
 if [[ -n "${NODE_RANK:-}" ]]; then
   exec deepspeed --no_ssh --num_nodes "${NUM_NODES:?set NUM_NODES}" --node_rank "$NODE_RANK" --num_gpus "$NPROC" \
     --master_addr "${MASTER_ADDR:?set MASTER_ADDR}" --master_port "${MASTER_PORT:-29500}" "$script" "$@"

@@ -5,4 +5,4 @@ set -euo pipefail
 NPROC="${NPROC:-2}"
 export LOCAL_SIZE="${LOCAL_SIZE:-$NPROC}"   # read by DeepSpeed's CPU accelerator; ignored on GPUs
 exec deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" \
-  "$(dirname "$0")/pretrain_gpt.py" "$@"
+  "$(dirname "$0")/${SCRIPT:-pretrain_gpt.py}" "$@"   # SCRIPT=pretrain_bert.py for BERT

@@ -117,10 +117,14 @@ def _loss_and_grads(config_kw, keep=12):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_full_recompute_redraws_the_same_indices():
+@pytest.mark.parametrize("recompute", [
+    dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+    dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=2),
+    dict(recompute_granularity="selective"),
+], ids=["full_uniform", "full_block", "selective"])
+def test_recompute_redraws_the_same_indices(recompute):
     loss, grads = _loss_and_grads({})
-    loss_rc, grads_rc = _loss_and_grads(dict(recompute_granularity="full", recompute_method="uniform",
-                                             recompute_num_layers=1))
+    loss_rc, grads_rc = _loss_and_grads(recompute)
     assert torch.equal(loss, loss_rc)
     for name in grads:
         assert torch.equal(grads[name], grads_rc[name]), name
