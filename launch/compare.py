@@ -96,7 +96,10 @@ def main(argv: list[str] | None = None) -> None:
         results["baseline"].append(base)
         results["random-ltd"].append(run_arm("random-ltd", seed, args, []))
         if args.equal_budget:
+            # Table 7 form: train until the baseline's layer-tokens are consumed, with LayerToken LR decaying over
+            # exactly that budget (Appendix C sets the total to the run's own consumption)
             budget = ["--train-layer-tokens", str(base["consumed_layer_tokens"]),
+                      "--lr-total-layer-tokens", str(base["consumed_layer_tokens"]),
                       "--train-iters", str(10 * args.train_iters)]
             results.setdefault("random-ltd-budget", []).append(run_arm("random-ltd-budget", seed, args, budget))
 

@@ -33,6 +33,9 @@ def add_common_args(p: argparse.ArgumentParser, *, num_layers: int, hidden: int,
     p.add_argument("--train-tokens", type=float, default=None, help="train this many tokens (sets --train-iters)")
     p.add_argument("--train-layer-tokens", type=float, default=None,
                    help="stop once this many layer-tokens are consumed (equal-budget comparisons)")
+    p.add_argument("--lr-total-layer-tokens", type=float, default=None,
+                   help="LayerToken LR: decay over this many layer-tokens (Appendix C: the run's own consumption; "
+                        "set it with --train-layer-tokens for an equal-budget run)")
     p.add_argument("--eval-interval", type=int, default=50)
     p.add_argument("--eval-iters", type=int, default=8)
     p.add_argument("--data-path", default=None,
@@ -76,6 +79,11 @@ def deepspeed_config(args: argparse.Namespace) -> dict:
         block["enabled"] = False
         block.get("layer_token_lr_schedule", {})["enabled"] = False
         return ds
+    if args.lr_total_layer_tokens is not None:
+        lr_block = block.setdefault("layer_token_lr_schedule", {})
+        if not lr_block.get("enabled"):
+            raise SystemExit("--lr-total-layer-tokens: the config's layer_token_lr_schedule is not enabled")
+        lr_block["total_layer_tokens"] = int(args.lr_total_layer_tokens)
     block.setdefault("total_layer_num", args.num_layers)
     block["hidden_state_order"] = "seq_batch_dim"  # megatron-core layers are [s, b, h]
     block.setdefault("random_ltd_schedule", {}).setdefault("max_value", args.seq_length)
