@@ -143,8 +143,19 @@ def convert_to_random_ltd(
             import torch.distributed as dist
 
             data_parallel_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        state = RandomLTDState(seed=config.seed, data_parallel_rank=data_parallel_rank, total_layers=total)
+        if config.token_bypass.enabled:
+            from random_ltd.layers.token_bypass import TokenBypassState
+
+            bypass = config.token_bypass
+            state = TokenBypassState(seed=config.seed, data_parallel_rank=data_parallel_rank, total_layers=total,
+                                     moving_average=bypass.moving_average,
+                                     special_token_ids=tuple(bypass.special_token_ids),
+                                     input_ids_name=bypass.input_ids_name)
+        else:
+            state = RandomLTDState(seed=config.seed, data_parallel_rank=data_parallel_rank, total_layers=total)
         root.register_forward_pre_hook(_micro_batch_hook(state))
+        if config.token_bypass.enabled:
+            root.register_forward_pre_hook(state.input_ids_hook(), with_kwargs=True)
     mask_names = tuple(dict.fromkeys(((config.model_mask_name,) if config.model_mask_name else ()) +
                                      DEFAULT_MASK_NAMES))
     for i in ids:
