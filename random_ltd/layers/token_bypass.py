@@ -173,6 +173,11 @@ class TokenBypassState(RandomLTDState):
             self._cache = (key, idx.to(device))
         return self._cache[1]
 
+    def sharded_indices(self, layer_id: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Sequence-parallel (stratified per shard) picks cannot be a global top-k: unsupported, never silent."""
+        raise NotImplementedError(f"TokenBypass layer {layer_id}: sequence parallelism is not supported (the kept "
+                                  "set is a global top-k by loss, not a per-shard draw); turn sequence_parallel off")
+
     def state_dict(self) -> dict:
         return {**super().state_dict(), "token_bypass_scores": self.scores.clone(),
                 "token_bypass_seen": self.seen.clone()}

@@ -171,6 +171,8 @@ def test_eval_is_full_and_missing_ids_error_and_state_dict():
     state._input_ids = None
     with pytest.raises(RuntimeError, match="no token ids"):
         model.layers[3](torch.randn(2, SEQ, 16))
+    with pytest.raises(NotImplementedError, match="sequence parallelism is not supported"):
+        state.sharded_indices(3, 2, SEQ // 2, 4, 2, torch.device("cpu"))
     state.update(tokens, torch.rand(2, SEQ))
     other = TokenBypassState()
     other.load_state_dict(state.state_dict())
