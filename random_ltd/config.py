@@ -542,6 +542,18 @@ class RandomLTDConfig(_Block):
         description="Extension: base seed for token-index sampling; from_deepspeed defaults it to "
         "data_efficiency.seed (DeepSpeed's key, default 1234).",
     )
+    layer_set: LayerSet | None = Field(
+        None,
+        description="Extension (ablations, paper Table 5): name the dropping layers instead of listing them: 'all', "
+        "'all_but_first', 'all_but_last', 'all_but_first_and_last' (= the default), or 'sandwich' (TokenBypass: "
+        "layers L//2 .. L-2, the first half and the last layer full). Resolved into random_ltd_layer_id; giving "
+        "both is an error unless they agree.",
+    )
+    token_bypass: TokenBypassConfig = Field(
+        default_factory=lambda: TokenBypassConfig(),
+        description="Extension (ablation baseline, paper section 5.1): TokenBypass (Hou et al. 2022) instead of "
+        "random selection. Default dropping layers when enabled: layer_set 'sandwich'.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -554,6 +566,7 @@ class RandomLTDConfig(_Block):
             num_layers = _as_int(data.get("total_layer_num"))
         except ValueError:
             num_layers = None  # missing or malformed: reported by field validation
+        data = _resolve_layer_set(data, num_layers)
         if data.get("random_ltd_layer_id") is None and num_layers is not None and num_layers >= 3:
             data["random_ltd_layer_id"] = list(range(1, num_layers - 1))
         if data.get("random_ltd_layer_num") is None and isinstance(data.get("random_ltd_layer_id"), list):
@@ -647,6 +660,20 @@ class RandomLTDConfig(_Block):
                     f"{sorted(ids)}",
                 )
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_token_bypass(self) -> RandomLTDConfig:
+        """TokenBypass needs one shared kept set over a consecutive run of layers (the bypassed block)."""
+        if not self.token_bypass.enabled:
+            return self
+        if self.layer_keep_ratios:
+            raise _FieldIssues(("layer_keep_ratios", "not supported with token_bypass (every bypassed layer keeps "
+                                "the same tokens, so all must keep the same count)"))
+        ids = sorted(self.random_ltd_layer_id or ())
+        if ids and ids != list(range(ids[0], ids[-1] + 1)):
+            raise _FieldIssues(("random_ltd_layer_id", f"{ids} is not a consecutive run of layers, which "
+                                "token_bypass needs (dropped tokens bypass one block of layers)"))
         return self
 
     # ---- convenience -------------------------------------------------------------------------------------------
@@ -784,3 +811,95 @@ def layer_token_lr_config_from_deepspeed(
             ]
         )
     return from_scheduler if from_scheduler is not None else from_block
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Ablation options: named layer sets and TokenBypass (paper sections 5.1 and 5.3, Table 5)
+# --------------------------------------------------------------------------------------------------------------------
+
+LayerSet = Literal["all", "all_but_first", "all_but_last", "all_but_first_and_last", "sandwich"]
+
+
+def layer_set_ids(layer_set: str, num_layers: int) -> list[int]:
+    """The layer ids a named ``layer_set`` stands for in a model of ``num_layers`` layers.
+
+    Raises:
+        ValueError: unknown name, or a set that is empty for this depth.
+    """
+    sets = {
+        "all": range(0, num_layers),
+        "all_but_first": range(1, num_layers),
+        "all_but_last": range(0, num_layers - 1),
+        "all_but_first_and_last": range(1, num_layers - 1),
+        "sandwich": range(num_layers // 2, num_layers - 1),
+    }
+    if layer_set not in sets:
+        raise ValueError(f"unknown layer_set {layer_set!r}; allowed: {', '.join(sets)}")
+    ids = list(sets[layer_set])
+    if not ids:
+        raise ValueError(f"layer_set {layer_set!r} is empty for total_layer_num {num_layers}")
+    return ids
+
+
+def _resolve_layer_set(data: dict[str, Any], num_layers: int | None) -> dict[str, Any]:
+    """Fill random_ltd_layer_id from layer_set (or 'sandwich' for an enabled token_bypass); check they agree."""
+    layer_set = data.get("layer_set")
+    bypass = data.get("token_bypass")
+    if layer_set is None and isinstance(bypass, dict) and bypass.get("enabled") is True \
+            and data.get("random_ltd_layer_id") is None:
+        layer_set = "sandwich"
+    if not isinstance(layer_set, str):
+        return data  # None, or a wrong type reported by field validation
+    if num_layers is None:
+        raise _FieldIssues(("layer_set", f"{layer_set!r} needs total_layer_num"))
+    try:
+        ids = layer_set_ids(layer_set, num_layers)
+    except ValueError as exc:
+        raise _FieldIssues(("layer_set", str(exc))) from None
+    given = data.get("random_ltd_layer_id")
+    if given is not None:
+        if isinstance(given, list) and sorted(given) == ids:
+            return data
+        raise _FieldIssues(("random_ltd_layer_id", f"{given!r} disagrees with layer_set {layer_set!r} = {ids} "
+                            "(give one of them)"))
+    return {**data, "random_ltd_layer_id": ids}
+
+
+class TokenBypassConfig(_Block):
+    """``random_ltd.token_bypass``: the TokenBypass baseline (Hou et al. 2022; paper section 2, Appendix B).
+
+    The kept tokens are not random: they are the tokens whose vocabulary id has the highest moving average of
+    per-token loss (plus every special token), the same set in every dropping layer of a micro-batch, so the dropped
+    group bypasses the whole block of layers. The kept count comes from ``random_ltd_schedule`` (the paper uses
+    ``constant`` at s/2). The training loop feeds the loss: ``state.update(input_ids, per_token_loss)``.
+    """
+
+    _path: ClassVar[str] = RANDOM_LTD_PATH + ".token_bypass"
+
+    enabled: StrictBool = Field(False, description="Use TokenBypass selection instead of random selection.")
+    moving_average: Real = Field(
+        0.9, ge=0.0, lt=1.0,
+        description="beta of the per-id score: score = beta * score + (1 - beta) * mean loss of that id in the "
+        "micro-batch (ids not in the micro-batch keep their score; an id's first observation sets it).",
+    )
+    special_token_ids: list[Int] = Field(
+        default_factory=list,
+        description="Vocabulary ids that are never dropped (Hou et al.: [CLS], [SEP], [MASK]).",
+    )
+    input_ids_name: StrictStr = Field(
+        "input_ids",
+        description="Keyword name of the token ids in the model's forward; when not passed by keyword, the first "
+        "positional argument is used.",
+    )
+
+    @model_validator(mode="after")
+    def _check_special_ids(self) -> TokenBypassConfig:
+        """Special ids are vocabulary ids: non-negative."""
+        bad = [i for i in self.special_token_ids if i < 0]
+        if bad:
+            raise _FieldIssues(("special_token_ids", f"{bad} are negative (vocabulary ids are >= 0)"))
+        return self
+
+
+RandomLTDConfig.model_rebuild()
+__all__ += ["LayerSet", "TokenBypassConfig", "layer_set_ids"]

@@ -3,11 +3,14 @@
 from random_ltd.layers.convert import convert_to_random_ltd, find_layers, get_random_ltd_state
 from random_ltd.layers.random_ltd_layer import RandomLTDLayer, RandomLTDLayerOptions, unwrap_random_ltd, wrap_layer
 from random_ltd.layers.state import LayerTokenCount, RandomLTDState
+from random_ltd.layers.token_bypass import TokenBypassState, select_bypass_indices
 
 __all__ = [
     "RandomLTDLayer",
     "RandomLTDLayerOptions",
     "RandomLTDState",
+    "TokenBypassState",
+    "select_bypass_indices",
     "LayerTokenCount",
     "convert_to_random_ltd",
     "find_layers",

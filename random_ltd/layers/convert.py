@@ -93,6 +93,20 @@ def _micro_batch_hook(state: RandomLTDState):
     return hook
 
 
+def _new_state(root: nn.Module, config: RandomLTDConfig, data_parallel_rank: int, total: int) -> RandomLTDState:
+    """A RandomLTDState, or for ``token_bypass`` a TokenBypassState fed the model's token ids by a pre-hook."""
+    if not config.token_bypass.enabled:
+        return RandomLTDState(seed=config.seed, data_parallel_rank=data_parallel_rank, total_layers=total)
+    from random_ltd.layers.token_bypass import TokenBypassState
+
+    bypass = config.token_bypass
+    state = TokenBypassState(seed=config.seed, data_parallel_rank=data_parallel_rank, total_layers=total,
+                             moving_average=bypass.moving_average, special_token_ids=tuple(bypass.special_token_ids),
+                             input_ids_name=bypass.input_ids_name)
+    root.register_forward_pre_hook(state.input_ids_hook(), with_kwargs=True)
+    return state
+
+
 def convert_to_random_ltd(
     model: Any,
     layers: LayerSpec = None,
@@ -144,7 +158,7 @@ def convert_to_random_ltd(
             import torch.distributed as dist
 
             data_parallel_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        state = RandomLTDState(seed=config.seed, data_parallel_rank=data_parallel_rank, total_layers=total)
+        state = _new_state(root, config, data_parallel_rank, total)
         root.register_forward_pre_hook(_micro_batch_hook(state))
     elif data_parallel_rank is not None:
         state.data_parallel_rank = data_parallel_rank
