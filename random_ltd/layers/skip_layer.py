@@ -210,6 +210,7 @@ class SkipLayer(nn.Module):
         self.router = SkipRouter(hidden_size, options.router, capacity=options.capacity,
                                  temperature=options.temperature, gumbel_noise=options.gumbel_noise,
                                  threshold=options.threshold)
+        self.train(layer.training)  # converting an eval-mode model keeps it in eval mode (no router noise)
         self.last_route: RouterOutput | None = None
 
     def extra_repr(self) -> str:
