@@ -65,6 +65,14 @@ def test_every_token_routed_equals_the_original_model(make, padding):
         got, want = model(x, attention_mask=padding).logits, ref(x, attention_mask=padding).logits
     torch.testing.assert_close(got[1], want[1])
     torch.testing.assert_close(got[0, 3:], want[0, 3:])
+    with torch.no_grad():
+        got = model(x, output_hidden_states=True).hidden_states
+        want = ref(x, output_hidden_states=True).hidden_states
+    assert len(got) == len(want) == 4
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(NotImplementedError, match="output_attentions"):
+        model(x, output_attentions=True)
     out = model.generate(x, attention_mask=padding, max_new_tokens=5, do_sample=False)
     assert torch.equal(out, ref.generate(x, attention_mask=padding, max_new_tokens=5, do_sample=False))
 

@@ -15,9 +15,9 @@ SDPA; additive float for eager), whose query rows are gathered for the routed to
 as is (``update(k, v, layer_idx)``), so ``generate()`` works: every layer writes K/V for every token.
 
 Parameter names change from ``...layers.{i}.<name>`` to ``...layers.{i}.layer.<name>``, plus
-``...layers.{i}.router.proj.weight`` (W_G). Not supported (errors): GPT-2 cross-attention. Not recorded: 5.x
-``output_hidden_states``/``output_attentions`` collect outputs through hooks on the original layer classes, which a
-SkipLayer does not run; ask for hidden states from an unconverted model.
+``...layers.{i}.router.proj.weight`` (W_G). ``output_hidden_states`` works (the wrapper records what 5.x's hook on the
+layer class would). Not supported (errors): GPT-2 cross-attention, ``output_attentions``, flash-attention / flex
+masks. Gradient checkpointing of the wrapped layers is not supported (a recompute would redraw the router noise).
 """
 
 from __future__ import annotations
@@ -130,8 +130,30 @@ class HFSkipLayer(SkipLayer):
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 4):
             raise ValueError(f"SkipLayer needs attention_mask None or a 4-D tensor (SDPA/eager attention), got "
                              f"{type(mask).__name__}; flash-attention / flex masks are not supported")
-        return super().forward(hidden, attention_mask=mask, cache=bound.get("past_key_values"),
-                               ctx=bound.get("position_embeddings", extra.get("position_embeddings")))
+        out = super().forward(hidden, attention_mask=mask, cache=bound.get("past_key_values"),
+                              ctx=bound.get("position_embeddings", extra.get("position_embeddings")))
+        _record_hidden_states(hidden, out)
+        return out
+
+
+def _record_hidden_states(hidden: torch.Tensor, out: torch.Tensor) -> None:
+    """Do what transformers 5.x's output-capturing hook on the decoder-layer class does (that hook sits on the
+    wrapped layer, which a SkipLayer never calls), so ``output_hidden_states`` still has one entry per layer."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # another transformers layout: hidden states are then not recorded for this layer
+        return
+    collected = _active_collector.get()
+    if collected is None:
+        return
+    if "attentions" in collected:
+        raise NotImplementedError("output_attentions is not supported with SkipLayer (queries exist only for the "
+                                  "routed tokens)")
+    if "hidden_states" not in collected:
+        return
+    states, selection = collected["hidden_states"], collected.get("_hidden_states_layers")
+    for h in ((hidden, out) if not states else (out,)):  # the first entry is the input of layer 0
+        states.append(h if selection is None or len(states) in selection else None)
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
