@@ -245,19 +245,14 @@ class SkipLayer(nn.Module):
         kv_len = k.shape[2]
 
         if route.dense_gate is not None or self.options.implementation == "dense":
-            index = torch.arange(t, device=x.device).expand(b, t)
-            mask = _causal_mask(index, past, kv_len) if attention_mask is None else attention_mask
-            x1 = x + _scale(parts.attend(parts.query(h, index, ctx), k, v, mask, ctx), route.routed_scale)
-            y = x1 + _scale(parts.ffn(x1, ctx), route.routed_scale)
-            if route.dense_gate is not None:  # HighwayNet: t * layer(x) + (1 - t) * x
-                gate = route.dense_gate[..., None].to(x.dtype)
-                return gate * y + (1 - gate) * x
-            return torch.where(route.routed[..., None], y, _scale(x, route.skip_scale))
+            return self._dense(x, h, k, v, route, attention_mask, past, ctx)
 
         base = _scale(x, route.skip_scale)
         routed = route.routed
         if not bool(routed.any()):  # Algorithm 2: no query, attention or FFN work at all
             return base
+        if bool(routed.all()):  # nothing to skip: the dense path does exactly the routed work, without gathers
+            return self._dense(x, h, k, v, route, attention_mask, past, ctx)
         index, valid = _select_rows(routed)
         h_sel = gather_tokens(h, index, batch_first=True, check_indices=False)
         mask = _causal_mask(index, past, kv_len) if attention_mask is None else _mask_rows(attention_mask, index)
@@ -279,6 +274,20 @@ class SkipLayer(nn.Module):
         targets = routed.reshape(-1).nonzero().squeeze(1)[None]
         return scatter_tokens(base.reshape(1, b * t, d), out, targets, batch_first=True,
                               check_indices=False).view(b, t, d)
+
+
+    def _dense(self, x, h, k, v, route: RouterOutput, attention_mask, past: int, ctx) -> torch.Tensor:
+        """Every token runs the layer; the mask selects (the reference, HighwayNet, and the all-routed case)."""
+        parts = self.parts
+        b, t, _ = x.shape
+        index = torch.arange(t, device=x.device).expand(b, t)
+        mask = _causal_mask(index, past, k.shape[2]) if attention_mask is None else attention_mask
+        x1 = x + _scale(parts.attend(parts.query(h, index, ctx), k, v, mask, ctx), route.routed_scale)
+        y = x1 + _scale(parts.ffn(x1, ctx), route.routed_scale)
+        if route.dense_gate is not None:  # HighwayNet: t * layer(x) + (1 - t) * x
+            gate = route.dense_gate[..., None].to(x.dtype)
+            return gate * y + (1 - gate) * x
+        return torch.where(route.routed[..., None], y, _scale(x, route.skip_scale))
 
 
 def _cache_length(cache: Any, layer_idx: int) -> int:
