@@ -63,7 +63,8 @@ def build(arm: str, args, device) -> TinyDecoder:
     if arm == "dense-L/2":
         return TinyDecoder(num_layers=max(1, L // 2), **kw).to(device)
     router = "random" if arm.startswith("random") else "straight_through_gumbel"
-    opts = SkipLayerOptions(capacity=0.5, aux_loss_weight=0.1, router=router)
+    noise = 0.0 if arm.endswith("-noise0") else 1.0  # -noise0: no Gumbel noise, training decisions = argmax
+    opts = SkipLayerOptions(capacity=0.5, aux_loss_weight=0.1, router=router, gumbel_noise=noise)
     return TinyDecoder(num_layers=2 * L, skip=opts, **kw).to(device)
 
 
@@ -195,7 +196,7 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--val-batches", type=int, default=8)
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--arms", default="dense-L,skip-2L-P0.5,random-2L-P0.5,dense-L/2")
+    ap.add_argument("--arms", default="dense-L,skip-2L-P0.5,skip-2L-P0.5-noise0,random-2L-P0.5,dense-L/2")
     ap.add_argument("--time-hidden", type=int, default=128)
     ap.add_argument("--time-seq", type=int, default=128)
     ap.add_argument("--decode", type=int, default=32, help="tokens generated in the decode timing")

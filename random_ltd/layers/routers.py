@@ -144,6 +144,8 @@ class SkipRouter(nn.Module):
         if x.dim() != 3:
             raise ValueError(f"x must be [b, t, d], got {list(x.shape)}")
         noisy = self.training and self.gumbel_noise > 0.0
+        # without a gradient the straight-through scales are exactly hard / 1 - hard: skip building them (decoding)
+        grad = torch.is_grad_enabled()
         if self.kind == "random":
             u = torch.rand(x.shape[:2], generator=generator, device=x.device)
             return RouterOutput(hard=(u < self.capacity).float())
@@ -157,6 +159,8 @@ class SkipRouter(nn.Module):
                 u = torch.rand(logit.shape, generator=generator, device=x.device).clamp_(1e-6, 1 - 1e-6)
                 logit = logit + self.gumbel_noise * (u.log() - (-u).log1p())  # logistic = Gumbel - Gumbel
             p = torch.sigmoid(logit / self.temperature)
+            if not grad:
+                return RouterOutput(hard=(p > self.threshold).float(), prob=p)
             hard = straight_through((p > self.threshold).float(), p)
             return RouterOutput(hard=hard, routed_scale=hard, skip_scale=1.0 - hard, prob=p)
         if noisy:  # Gumbel noise for straight_through_gumbel and top1_softmax
@@ -164,7 +168,11 @@ class SkipRouter(nn.Module):
             z = z - self.gumbel_noise * torch.log(-torch.log(u))
         y = torch.softmax(z / self.temperature, dim=-1)
         # argmax with ties going to "skip", identical in training and in eval (decoding, Algorithm 2)
-        hard = straight_through((z[..., 1] > z[..., 0]).float(), y[..., 1])
+        decision = (z[..., 1] > z[..., 0]).float()
         if self.kind == "top1_softmax":
+            hard = straight_through(decision, y[..., 1]) if grad else decision
             return RouterOutput(hard=hard, routed_scale=y[..., 1], skip_scale=y[..., 0], prob=y[..., 1])
+        if not grad:
+            return RouterOutput(hard=decision, prob=y[..., 1])
+        hard = straight_through(decision, y[..., 1])
         return RouterOutput(hard=hard, routed_scale=hard, skip_scale=1.0 - hard, prob=y[..., 1])
