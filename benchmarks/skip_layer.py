@@ -6,7 +6,8 @@ Three parts, one JSON (``results.json``) and one Markdown table (``table.md``) i
 
 1. Quality (paper section 3): arms trained with the same data, steps, optimizer and seed:
    ``dense-L`` (L layers), ``skip-2L-P0.5`` (2L SkipLayers, straight-through Gumbel, P = 0.5, λ = 0.1: the same
-   expected layer-tokens as dense-L), ``random-2L-P0.5`` (the paper's Rand baseline: same, router not learned) and
+   expected layer-tokens as dense-L), ``skip-2L-P0.5-noise0`` (the same without Gumbel noise: training decisions are
+   the argmax ones used at eval), ``random-2L-P0.5`` (the paper's Rand baseline: router not learned) and
    ``dense-L/2`` (shallower). Printed: final validation NLL (nats/byte, without the aux loss), the layer-tokens spent
    in training, and the layer-tokens per validation token at eval (argmax routing), relative to dense-L.
 2. Step time (forward + backward) of a 2L SkipLayer model, ``efficient`` vs ``dense`` masked implementation, at

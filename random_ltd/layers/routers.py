@@ -14,7 +14,8 @@ Kinds (paper section 2.1 and its baselines):
                              (both exactly 1.0 in forward, Algorithm 1's ``M`` and ``1 - M``).
 ``sigmoid``                  ``p = sigmoid((z1 - z0) / temperature)`` (train: plus ``noise`` times logistic noise, the
                              binary form of Gumbel); hard = ``p > threshold``; straight-through gradient through p.
-``top1_softmax``             ``g = softmax(XW_G / temperature)``; hard = argmax g; Eq. 4: routed tokens' layer update
+``top1_softmax``             ``g = softmax((XW_G + noise * Gumbel) / temperature)`` (noise in training only);
+                             hard = argmax; Eq. 4: routed tokens' layer update
                              is multiplied by ``g[1]``, skipped tokens' pass-through by ``g[0]`` (so skipped outputs are
                              *not* equal to inputs). ``hard`` gets a straight-through gradient through ``g[1]`` so the
                              auxiliary loss is defined; the paper notes this form controls sparsity poorly.
@@ -24,6 +25,12 @@ Kinds (paper section 2.1 and its baselines):
 =========================  ===========================================================================================
 
 In eval mode the learned routers are deterministic: no noise, ``hard = argmax`` (Algorithm 2), or ``p > threshold``.
+Without autograd (``torch.no_grad``, decoding) the straight-through routers return ``routed_scale = skip_scale = None``
+(their values would be exactly 1) to save the elementwise work.
+
+Note: the capacity loss sees the *noisy* training decisions. With ``gumbel_noise = 1`` and a short training run the
+logits can stay small, and the eval-time argmax then routes a different fraction than P (see
+``benchmarks/skip_layer.py``, arm ``-noise0``); ``gumbel_noise = 0`` trains on the argmax decisions themselves.
 """
 
 from __future__ import annotations
