@@ -275,7 +275,6 @@ class SkipLayer(nn.Module):
         return scatter_tokens(base.reshape(1, b * t, d), out, targets, batch_first=True,
                               check_indices=False).view(b, t, d)
 
-
     def _dense(self, x, h, k, v, route: RouterOutput, attention_mask, past: int, ctx) -> torch.Tensor:
         """Every token runs the layer; the mask selects (the reference, HighwayNet, and the all-routed case)."""
         parts = self.parts
