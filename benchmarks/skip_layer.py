@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -132,22 +131,25 @@ def train_arm(arm: str, train, valid, args, device) -> tuple[dict, TinyDecoder]:
     return row, model
 
 
-def time_call(fn, device, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
+def time_calls(fns: dict, device, repeat: int) -> dict:
+    """Best-of-``repeat`` seconds per function, calls interleaved so that load from other jobs hits all alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {name: [] for name in fns}
     for _ in range(repeat):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: min(t) for name, t in times.items()}
 
 
 def step_times(args, device) -> list[dict]:
     rows = []
     for p in (0.125, 0.25, 0.5, 1.0):
-        row = {"P": p}
+        fns = {}
         for impl in ("efficient", "dense"):
             torch.manual_seed(0)
             model = TinyDecoder(vocab_size=VOCAB_SIZE, hidden_size=args.time_hidden, num_heads=args.heads,
@@ -159,7 +161,9 @@ def step_times(args, device) -> list[dict]:
                 g = torch.Generator(device=device).manual_seed(1)  # same routing in both implementations
                 model(x, generator=g).float().square().mean().backward()
 
-            row[f"{impl}_ms"] = round(1000 * time_call(step, device, args.repeat), 2)
+            fns[impl] = step
+        best = time_calls(fns, device, args.repeat)
+        row = {"P": p, "efficient_ms": round(1000 * best["efficient"], 2), "dense_ms": round(1000 * best["dense"], 2)}
         row["dense_over_efficient"] = round(row["dense_ms"] / row["efficient_ms"], 2)
         print(f"step time P={p:<5}: efficient {row['efficient_ms']:.1f} ms, dense masked {row['dense_ms']:.1f} ms "
               f"(dense/efficient {row['dense_over_efficient']:.2f}x)", flush=True)
@@ -167,22 +171,27 @@ def step_times(args, device) -> list[dict]:
     return rows
 
 
-def decode_time(model: TinyDecoder, args, device) -> tuple[float, float]:
-    """Median seconds per generated token (batch 1, KV cache) and mean layers run per generated token."""
-    model.eval()
+def decode_times(models: dict, args, device) -> dict:
+    """Best-of seconds per generated token (batch 1, KV cache, interleaved) and layers run per generated token."""
     prompt = torch.randint(0, VOCAB_SIZE, (1, 16), device=device)
 
-    def run():
-        cache, x, ran = SkipKVCache(), prompt, 0.0
-        with torch.no_grad():
-            x = model(x, cache=cache)[:, -1:].argmax(-1)
-            for _ in range(args.decode):
+    def runner(model):
+        def run():
+            model.eval()
+            cache, x, ran = SkipKVCache(), prompt, 0.0
+            with torch.no_grad():
                 x = model(x, cache=cache)[:, -1:].argmax(-1)
-                ran += layer_tokens(model, 1)
-        return ran / args.decode
+                for _ in range(args.decode):
+                    x = model(x, cache=cache)[:, -1:].argmax(-1)
+                    ran += layer_tokens(model, 1)
+            return ran / args.decode
+        return run
 
-    layers_per_token = run()
-    return time_call(run, device, args.repeat) / args.decode, layers_per_token
+    fns = {arm: runner(m) for arm, m in models.items()}
+    layers = {arm: fn() for arm, fn in fns.items()}
+    best = time_calls(fns, device, args.repeat)
+    return {arm: {"ms_per_token": round(1000 * best[arm] / args.decode, 3), "layers_per_token": round(layers[arm], 2)}
+            for arm in fns}
 
 
 def main() -> None:
@@ -199,7 +208,7 @@ def main() -> None:
     ap.add_argument("--val-batches", type=int, default=8)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--arms", default="dense-L,skip-2L-P0.5,skip-2L-P0.5-noise0,random-2L-P0.5,dense-L/2")
-    ap.add_argument("--time-hidden", type=int, default=128)
+    ap.add_argument("--time-hidden", type=int, default=256)
     ap.add_argument("--time-seq", type=int, default=128)
     ap.add_argument("--decode", type=int, default=32, help="tokens generated in the decode timing")
     ap.add_argument("--repeat", type=int, default=5)
@@ -219,12 +228,9 @@ def main() -> None:
         r["train_layer_tokens_vs_dense_L"] = round(r["train_layer_tokens"] / base["train_layer_tokens"], 3)
 
     steps = step_times(args, device)
-    decode = {}
-    for arm in models:
-        if arm != "dense-L/2":
-            sec, layers = decode_time(models[arm], args, device)
-            decode[arm] = {"ms_per_token": round(1000 * sec, 3), "layers_per_token": round(layers, 2)}
-            print(f"decode {arm}: {1000 * sec:.2f} ms/token, {layers:.2f} layers run per token", flush=True)
+    decode = decode_times({arm: m for arm, m in models.items() if arm != "dense-L/2"}, args, device)
+    for arm, d in decode.items():
+        print(f"decode {arm}: {d['ms_per_token']:.2f} ms/token, {d['layers_per_token']:.2f} layers run per token")
 
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"device": device_name(device), "torch": torch.__version__, "command": " ".join(sys.argv),
