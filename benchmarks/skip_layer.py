@@ -14,6 +14,8 @@ Three parts, one JSON (``results.json``) and one Markdown table (``table.md``) i
    P = 0.125, 0.25, 0.5, 1.0 (router ``random`` with capacity P so that the routed fraction is exactly what is asked).
 3. Greedy decode time per token (KV cache, batch 1, random 16-byte prompt) of the trained 2L models vs dense-L, with
    the layers actually run per generated token.
+4. ``--decode-width-only``: decode time at width ``--time-hidden`` (untrained; the random router at P = 0.5 makes
+   half the layers run per token): dense L vs SkipLayer 2L vs dense 2L, in ``decode_width.{json,md}``.
 
 Timings on a shared CPU are indicative only; the device is recorded in the JSON.
 """
@@ -195,6 +197,31 @@ def decode_times(models: dict, args, device) -> dict:
             for arm in fns}
 
 
+def decode_width(args, device) -> None:
+    """Decode time per token at width ``--time-hidden``, untrained: dense L layers vs 2L SkipLayers with the random
+    router at P = 0.5 (so half the layers run per token on average) vs dense 2L. Writes decode_width.{json,md}."""
+    kw = dict(vocab_size=VOCAB_SIZE, hidden_size=args.time_hidden, num_heads=args.heads, max_len=16 + args.decode + 1)
+    torch.manual_seed(0)
+    models = {
+        "dense-L": TinyDecoder(num_layers=args.layers, **kw),
+        "skip-2L-P0.5 (random router)": TinyDecoder(num_layers=2 * args.layers,
+                                                    skip=SkipLayerOptions(capacity=0.5, router="random"), **kw),
+        "dense-2L": TinyDecoder(num_layers=2 * args.layers, **kw),
+    }
+    decode = decode_times({k: m.to(device) for k, m in models.items()}, args, device)
+    base = decode["dense-L"]["ms_per_token"]
+    lines = [f"Device: {device_name(device)} (torch {torch.__version__}). Command: `{' '.join(sys.argv)}`", "",
+             f"Greedy decode, batch 1, 16-token prompt, {args.decode} new tokens, d={args.time_hidden}, untrained.", "",
+             "| model | decode ms/token | vs dense-L | layers run per token |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['ms_per_token']:.2f} | {v['ms_per_token'] / base:.2f} | {v['layers_per_token']:.2f} |"
+              for k, v in decode.items()]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "decode_width.json").write_text(json.dumps({"device": device_name(device), "command": " ".join(
+        sys.argv), "hidden": args.time_hidden, "decode": decode}, indent=1) + "\n")
+    (args.out / "decode_width.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -214,8 +241,13 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=32, help="tokens generated in the decode timing")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "skip_layer_cpu")
+    ap.add_argument("--decode-width-only", action="store_true",
+                    help="only time decoding at width --time-hidden, untrained (writes decode_width.{json,md})")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.decode_width_only:
+        decode_width(args, device)
+        return
     train, valid = load_corpus()
     print(f"device: {device_name(device)}; L={args.layers}, d={args.hidden}, seq={args.seq}, batch={args.batch}, "
           f"{args.steps} steps", flush=True)
