@@ -177,3 +177,39 @@ def test_metrics_are_written_through_the_engine_monitor():
                      "skip_layer/capacity_mean", "skip_layer/aux_loss"}
     assert all(step == 32 for _, _, step in engine.monitor.events)
     assert all(0.0 <= metrics[f"skip_layer/capacity_layer_{i}"] <= 1.0 for i in range(3))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_deepspeed_training_with_skip_layer_block_and_csv_metrics(tmp_path, monkeypatch):
+    """Real DeepSpeed (one CPU process, gloo): the same config carries the skip_layer block (DeepSpeed ignores it),
+    the aux loss trains the routers, and the metrics land in DeepSpeed's CSV monitor."""
+    deepspeed = pytest.importorskip("deepspeed")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    config = {"train_micro_batch_size_per_gpu": 2, "steps_per_print": 10**9,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+              "csv_monitor": {"enabled": True, "output_path": str(tmp_path), "job_name": "skip"},
+              "skip_layer": {"enabled": True, "capacity": 0.5, "layers": [1, 2]}}
+    torch.manual_seed(0)
+    model = gpt2()
+    wrapped = convert_to_skip_layer(model, config)
+    router_before = wrapped[0].router.proj.weight.detach().clone()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    for _ in range(2):
+        x = torch.randint(0, V, (2, 12))
+        loss = engine(x, labels=x).loss + skip_layer_aux_loss(engine.module)
+        engine.backward(loss)
+        engine.step()
+        metrics = log_skip_layer_metrics(engine)
+    assert not torch.equal(router_before, wrapped[0].router.proj.weight.detach())
+    assert set(metrics) == {"skip_layer/capacity_layer_1", "skip_layer/capacity_layer_2", "skip_layer/capacity_mean",
+                            "skip_layer/aux_loss"}
+    written = {p.name for p in (tmp_path / "skip").rglob("*.csv")}
+    assert any("capacity_layer_1" in name for name in written), written
