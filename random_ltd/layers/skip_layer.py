@@ -30,6 +30,7 @@ This module knows nothing about DeepSpeed, megatron or transformers: adapters im
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -434,7 +435,7 @@ class TinyDecoder(nn.Module):
         for i in range(num_layers):
             layer = TinyDecoderLayer(hidden_size, num_heads, ffn_mult)
             if i in wrap:
-                layer = SkipLayer(layer, SkipLayerOptions(**{**skip.__dict__, "layer_id": i}))
+                layer = SkipLayer(layer, dataclasses.replace(skip, layer_id=i))
             layers.append(layer)
         self.layers = nn.ModuleList(layers)
         self.norm = nn.LayerNorm(hidden_size)
