@@ -1,0 +1,1 @@
+"""Hugging Face transformers adapters (imported only when transformers is installed)."""
