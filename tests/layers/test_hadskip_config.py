@@ -39,3 +39,11 @@ def test_from_file(tmp_path):
 def test_errors_name_the_key(block, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         HadSkipConfig.from_file({"hadskip": block})
+
+
+@pytest.mark.parametrize("name", ["hadskip_cpu.json", "hadskip_bert_glue.json"])
+def test_shipped_configs_load(name):
+    from pathlib import Path
+
+    c = HadSkipConfig.from_file(Path(__file__).resolve().parents[2] / "configs" / name)
+    assert c.num_layers == 12 and c.estimator == "reinmax"
