@@ -114,3 +114,19 @@ def test_errors():
     with pytest.raises(ValueError, match="eager"):
         HadSkipForSequenceClassification(hf)
     HadSkipForSequenceClassification(hf, record_attentions=False)
+
+
+def test_real_skip_with_sdpa_masks():
+    torch.manual_seed(0)
+    hf = transformers.BertForSequenceClassification(transformers.BertConfig(**{**KW, "attn_implementation": "sdpa"}))
+    model = HadSkipForSequenceClassification(hf, record_attentions=False, init_keep_logit=0.0).eval()
+    for layer in model.layers:
+        torch.nn.init.normal_(layer.gate.fc2.weight, std=4.0)
+    ids, mask = _batch(b=16)
+    with torch.no_grad():
+        set_real_skip(model, True)
+        real = model(ids, mask)
+        set_real_skip(model, False)
+        masked = model(ids, mask)
+    assert 0 < real.gates.sum() < real.gates.numel()
+    torch.testing.assert_close(real.logits, masked.logits)
