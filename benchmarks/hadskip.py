@@ -4,8 +4,9 @@
 
 A random-init 12-layer BertForSequenceClassification (eager attention) runs a fixed batch; each sequence keeps each
 layer with probability s/L (independent draws, fixed seed), i.e. s layers on average, as a trained HadSkip model at
-budget s would. Prints the median forward time of each mode and the ratios to the full model; the ideal real-skip
-ratio is about s/L plus the gate and gather/scatter overhead. No timing is asserted anywhere.
+budget s would. Modes are interleaved within each repeat. Prints the median forward time of each mode and the
+ratios to the full model; the ideal real-skip ratio is about s/L plus the gate and gather/scatter overhead. No
+timing is asserted anywhere.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--budgets", type=float, nargs="+", default=[3, 6, 9])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
@@ -76,23 +77,30 @@ def main() -> None:
         with torch.no_grad():
             return model(ids, mask)
 
-    set_gating(model, False)
-    full = timed(run, args.repeats, args.device)
     rows = []
     for budget in args.budgets:
         g = torch.Generator().manual_seed(int(budget * 100))
         decisions = (torch.rand(args.batch, args.layers, generator=g) < budget / args.layers).float().to(args.device)
         for i, layer in enumerate(layers):
             layer.gates = (lambda hidden, m=None, i=i, d=decisions: d[:, i].to(hidden.dtype))
-        set_gating(model, True)
-        set_real_skip(model, True)
-        real = timed(run, args.repeats, args.device)
+
+        def mode(name: str) -> None:
+            set_gating(model, name != "full")
+            set_real_skip(model, name == "real_skip")
+
+        # modes interleaved within each repeat, so load drift on a shared machine hits all three alike
+        times: dict[str, list[float]] = {"full": [], "real_skip": [], "masked": []}
+        for _ in range(args.repeats):
+            for name in times:
+                mode(name)
+                times[name].append(timed(run, 1, args.device))
+        mode("real_skip")
+        run()
         calls = sum(layer.last_calls for layer in layers)
-        set_real_skip(model, False)
-        masked = timed(run, args.repeats, args.device)
+        full, real, masked = (statistics.median(times[k]) for k in ("full", "real_skip", "masked"))
         rows.append({"budget": budget, "mean_layers": decisions.sum(1).mean().item(), "layer_calls": calls,
                      "full_s": full, "real_skip_s": real, "masked_s": masked, "real_over_full": real / full,
-                     "masked_over_full": masked / full})
+                     "masked_over_full": masked / full, "times": times})
         print(f"budget {budget:g}: mean layers {rows[-1]['mean_layers']:.2f}  full {full * 1e3:.1f} ms  "
               f"real skip {real * 1e3:.1f} ms ({real / full:.2f}x)  masked {masked * 1e3:.1f} ms "
               f"({masked / full:.2f}x)")
