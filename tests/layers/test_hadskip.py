@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from random_ltd.layers.hadskip import (
@@ -187,3 +189,36 @@ def test_bad_construction():
         HadSkipLayer(nn.Identity(), 4)(torch.zeros(2, 4))
     model = ToyHadSkipModel()
     assert len(hadskip_layers(model)) == 4
+
+
+class _RowLayer(nn.Module):
+    """Per-token MLP with a mask argument [b, 1, 1, s] and a broadcast [1, s] tensor: exercises row selection."""
+
+    def __init__(self, h: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(h, h)
+
+    def forward(self, x, mask, bias_1s):
+        return torch.tanh(self.lin(x)) * mask.squeeze(1).squeeze(1).unsqueeze(-1) + bias_1s.unsqueeze(-1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 9), s=st.integers(1, 11), h=st.sampled_from([1, 3, 8]), data=st.data())
+def test_real_skip_equals_masked_for_any_gate_pattern(b, s, h, data):
+    torch.manual_seed(b * 100 + s)
+    layer = HadSkipLayer(_RowLayer(h), h).eval()
+    pattern = torch.tensor(data.draw(st.lists(st.booleans(), min_size=b, max_size=b)), dtype=torch.float32)
+    layer.gates = lambda hidden, mask=None: pattern
+    x = torch.randn(b, s, h)
+    mask = (torch.rand(b, 1, 1, s) > 0.3).float()
+    bias = torch.randn(1, s)
+    calls = []
+    layer.layer.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    layer.real_skip = True
+    real = layer(x, mask, bias)
+    layer.real_skip = False
+    masked = layer(x, mask, bias)
+    torch.testing.assert_close(real, masked)
+    kept = int(pattern.sum())
+    assert calls[:-1] == ([kept] if kept else [])  # the last call is the masked run (all b)
+    assert torch.equal(real[pattern == 0], x[pattern == 0])  # skipped sequences pass through bitwise
