@@ -75,10 +75,11 @@ class HFRandomLTDLayer(RandomLTDLayer):
         return super().__call__(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
-        if not getattr(self, "_random_ltd_active", False) or not self.random_ltd_state.enabled:
+        if not getattr(self, "_random_ltd_active", False):
             return super(RandomLTDLayer, self).forward(*args, **kwargs)  # the original layer, untouched
-        _check_inputs(self, args, kwargs)
-        return RandomLTDLayer.forward(self, *args, **kwargs)
+        if self.random_ltd_state.enabled:
+            _check_inputs(self, args, kwargs)
+        return RandomLTDLayer.forward(self, *args, **kwargs)  # disabled: counted at full length, nothing dropped
 
 
 def _get(layer: nn.Module, name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
