@@ -347,3 +347,29 @@ def test_flash_attention_checks():
     layer.random_ltd_options.sliding_window = 4
     with pytest.raises(NotImplementedError, match="sliding_window=4"):
         layer(x, attention_mask=None, position_ids=torch.arange(S)[None], position_embeddings=cos_sin)
+
+
+def test_tuple_outputs_as_in_transformers_4():
+    """4.x layers return tuples (hidden, present, attentions): the first element is scattered, the rest kept."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    class TupleBlock(GPT2Block):
+        def forward(self, hidden_states, layer_past=None, attention_mask=None, **kwargs):
+            return (super().forward(hidden_states, None, attention_mask), "present", "attn")
+
+    model, layers, _ = make("gpt2")
+    for layer in layers:
+        layer.__class__ = TupleBlock
+    state = convert(model, block(), layers=TupleBlock)
+    state.advance(0, {1: KEEP})
+    layer = layers[1].train()
+    x = torch.randn(B, S, 32)
+    state.begin_micro_batch()
+    out = layer(x)
+    assert isinstance(out, tuple) and out[1:] == ("present", "attn") and out[0].shape == x.shape
+    idx = state.indices(1, B, S, KEEP, x.device)
+    for i in range(B):
+        expected = GPT2Block.forward(layer, x[i:i + 1, idx[i]])
+        torch.testing.assert_close(out[0][i:i + 1, idx[i]], expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="filled KV cache"):
+        layer(x, (torch.zeros(B, 4, 3, 8), torch.zeros(B, 4, 3, 8)))
