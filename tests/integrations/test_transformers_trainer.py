@@ -58,11 +58,15 @@ class Spy(TrainerCallback):
     def __init__(self):
         self.trainer = None
         self.rows = []
+        self.reported = []  # what every report_to integration receives (their on_log)
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         run = self.trainer.random_ltd
         self.rows.append((run.schedule.consumed_layer_tokens, float(optimizer.param_groups[0]["lr"]),
                           dict(run.state.kept_lengths)))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.reported.append(dict(logs))
 
 
 def train(tmp_path, steps, resume=None, deepspeed=False, **kw):
@@ -96,6 +100,8 @@ def check_run(trainer, spy, steps):
     assert len(logs) == steps and all(k in logs[-1] for k in METRIC_KEYS)
     assert logs[0]["random_ltd/kept_length"] == 4
     assert logs[-1]["random_ltd/consumed_layer_tokens"] == sum(per_step)
+    reported = [r for r in spy.reported if "loss" in r]
+    assert len(reported) == len(spy.rows) and all(k in r for r in reported for k in METRIC_KEYS)
 
 
 def test_plain_trainer_schedule_lr_logs_and_exact_resume(tmp_path):
