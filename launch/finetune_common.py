@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,10 @@ def write_outputs(results: list[dict], out: Path, title: str, command: str) -> s
                      f"{100 * (1 - r['consumed_layer_tokens'] / base['consumed_layer_tokens']):.1f}% | "
                      f"{r['wall_s']:.1f} | {100 * (1 - r['wall_s'] / base['wall_s']):.1f}% |")
     table = "\n".join(lines)
-    (out / "table.md").write_text(f"# {title}\n\nCommand: `{command}`\n\n{table}\n")
+    import platform
+
+    device = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    (out / "table.md").write_text(f"# {title}\n\nCommand: `{command}`\n\nDevice: {device}\n\n{table}\n")
     (out / "results.json").write_text(json.dumps({"title": title, "command": command, "arms": results}, indent=1))
     import matplotlib
 
