@@ -63,13 +63,13 @@ def build_model(args: argparse.Namespace):
             return GPT2LMHeadModel(cfg)
 
         return factory, train, valid
-    from transformers import AutoTokenizer
+    streams = [train, valid]
+    if args.tokenizer == "auto":
+        from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(args.model)
-    streams = []
-    for part in (train, valid):
-        ids = tok(bytes(part.tolist()).decode("utf-8", errors="ignore"))["input_ids"]
-        streams.append(torch.tensor(ids, dtype=torch.int64))
+        tok = AutoTokenizer.from_pretrained(args.model)
+        streams = [torch.tensor(tok(bytes(part.tolist()).decode("utf-8", errors="ignore"))["input_ids"],
+                                dtype=torch.int64) for part in (train, valid)]
 
     def factory():
         torch.manual_seed(args.seed)
@@ -81,6 +81,8 @@ def build_model(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="local path or hub name (default: tiny random-init GPT-2)")
+    p.add_argument("--tokenizer", choices=("auto", "bytes"), default="auto",
+                   help="with --model: its own tokenizer (auto) or raw UTF-8 bytes (a model with >= 256 tokens)")
     p.add_argument("--config", default=str(ROOT / "configs" / "tiny_gpt2_finetune_cpu.json"),
                    help="DeepSpeed JSON config holding the random-LTD block")
     p.add_argument("--deepspeed", action="store_true", help="run the Trainer under DeepSpeed with --config")
