@@ -45,6 +45,7 @@ from random_ltd.ops import gather_tokens, scatter_tokens
 __all__ = [
     "SkipLayer",
     "SkipLayerOptions",
+    "SkipRouting",
     "SkipLayerParts",
     "SkipKVCache",
     "TinyDecoder",
@@ -178,45 +179,19 @@ def _scale(x: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
     return x if s is None else x * s[..., None].to(x.dtype)
 
 
-class SkipLayer(nn.Module):
-    """Wrap a transformer layer so that each token runs it only when the router says so.
+class SkipRouting(nn.Module):
+    """What every SkipLayer shares: ``router``, ``options`` and ``parts`` turned into Algorithm 1/2 (``route_forward``).
 
-    Args:
-        layer: the wrapped layer (registered as ``self.layer``; its parameters keep their names under ``layer.``).
-        options: :class:`SkipLayerOptions`.
-        parts: its decomposition; default ``layer`` itself when it implements :class:`SkipLayerParts`.
-        hidden_size: d (default: ``layer.hidden_size``).
-
-    ``forward(x, attention_mask=None, cache=None, ctx=None, generator=None, route=None) -> [b, t, d]``;
-    ``attention_mask`` None means causal, else a 4-D mask over the chunk's queries and all keys (bool, True =
-    attend, or additive). ``route`` forces the routing (e.g. recorded decisions), otherwise the router decides.
-    After each call ``last_route`` holds the :class:`RouterOutput` (for the aux loss and the metrics).
+    ``SkipLayer`` wraps any layer with it; framework layers can also inherit it directly (megatron-core's
+    ``SkipLayerTransformerLayer`` keeps the ``TransformerLayer`` class and parameter names that way). Subclasses set
+    ``router`` (a :class:`SkipRouter`), ``options`` and ``parts`` and ``last_route = None`` in ``__init__``.
+    ``skip_layer_aux_loss`` and the metrics collect every ``SkipRouting`` module of a model.
     """
 
-    def __init__(self, layer: nn.Module, options: SkipLayerOptions | None = None, *,
-                 parts: SkipLayerParts | None = None, hidden_size: int | None = None) -> None:
-        super().__init__()
-        options = options or SkipLayerOptions()
-        if not isinstance(options, SkipLayerOptions):
-            raise TypeError(f"options must be SkipLayerOptions, got {type(options).__name__}")
-        parts = parts if parts is not None else layer
-        if not isinstance(parts, SkipLayerParts):
-            raise TypeError(f"{type(layer).__name__} does not implement SkipLayerParts; pass parts= (an adapter)")
-        hidden_size = hidden_size if hidden_size is not None else getattr(layer, "hidden_size", None)
-        if not isinstance(hidden_size, int):
-            raise ValueError("hidden_size is needed (the layer has no int attribute hidden_size)")
-        self.layer = layer
-        object.__setattr__(self, "parts", parts)  # not registered: it is ``layer`` itself or a plain adapter
-        self.options = options
-        self.router = SkipRouter(hidden_size, options.router, capacity=options.capacity,
-                                 temperature=options.temperature, gumbel_noise=options.gumbel_noise,
-                                 threshold=options.threshold)
-        self.train(layer.training)  # converting an eval-mode model keeps it in eval mode (no router noise)
-        self.last_route: RouterOutput | None = None
-
-    def extra_repr(self) -> str:
-        o = self.options
-        return f"layer_id={o.layer_id}, capacity={o.capacity}, implementation={o.implementation}"
+    router: SkipRouter
+    options: SkipLayerOptions
+    parts: SkipLayerParts
+    last_route: RouterOutput | None
 
     def group_size(self, num_tokens: int) -> int:
         """Gsize for a call over ``num_tokens`` (= b * t) tokens."""
@@ -224,9 +199,10 @@ class SkipLayer(nn.Module):
             return self.options.group_size
         return max(1, math.ceil(self.options.capacity * num_tokens))
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: Any = None,
-                ctx: Any = None, generator: torch.Generator | None = None,
-                route: RouterOutput | None = None) -> torch.Tensor:
+    def route_forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: Any = None,
+                      ctx: Any = None, generator: torch.Generator | None = None,
+                      route: RouterOutput | None = None) -> torch.Tensor:
+        """Algorithm 1 (and 2 with ``cache``) on ``x`` ``[b, t, d]``; see :class:`SkipLayer`."""
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             raise ValueError(f"SkipLayer {self.options.layer_id}: x must be [b, t, d], got "
                              f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -290,6 +266,52 @@ class SkipLayer(nn.Module):
         return torch.where(route.routed[..., None], y, _scale(x, route.skip_scale))
 
 
+class SkipLayer(SkipRouting):
+    """Wrap a transformer layer so that each token runs it only when the router says so.
+
+    Args:
+        layer: the wrapped layer (registered as ``self.layer``; its parameters keep their names under ``layer.``).
+        options: :class:`SkipLayerOptions`.
+        parts: its decomposition; default ``layer`` itself when it implements :class:`SkipLayerParts`.
+        hidden_size: d (default: ``layer.hidden_size``).
+
+    ``forward(x, attention_mask=None, cache=None, ctx=None, generator=None, route=None) -> [b, t, d]``;
+    ``attention_mask`` None means causal, else a 4-D mask over the chunk's queries and all keys (bool, True =
+    attend, or additive). ``route`` forces the routing (e.g. recorded decisions), otherwise the router decides.
+    After each call ``last_route`` holds the :class:`RouterOutput` (for the aux loss and the metrics).
+    """
+
+    def __init__(self, layer: nn.Module, options: SkipLayerOptions | None = None, *,
+                 parts: SkipLayerParts | None = None, hidden_size: int | None = None) -> None:
+        super().__init__()
+        options = options or SkipLayerOptions()
+        if not isinstance(options, SkipLayerOptions):
+            raise TypeError(f"options must be SkipLayerOptions, got {type(options).__name__}")
+        parts = parts if parts is not None else layer
+        if not isinstance(parts, SkipLayerParts):
+            raise TypeError(f"{type(layer).__name__} does not implement SkipLayerParts; pass parts= (an adapter)")
+        hidden_size = hidden_size if hidden_size is not None else getattr(layer, "hidden_size", None)
+        if not isinstance(hidden_size, int):
+            raise ValueError("hidden_size is needed (the layer has no int attribute hidden_size)")
+        self.layer = layer
+        object.__setattr__(self, "parts", parts)  # not registered: it is ``layer`` itself or a plain adapter
+        self.options = options
+        self.router = SkipRouter(hidden_size, options.router, capacity=options.capacity,
+                                 temperature=options.temperature, gumbel_noise=options.gumbel_noise,
+                                 threshold=options.threshold)
+        self.train(layer.training)  # converting an eval-mode model keeps it in eval mode (no router noise)
+        self.last_route: RouterOutput | None = None
+
+    def extra_repr(self) -> str:
+        o = self.options
+        return f"layer_id={o.layer_id}, capacity={o.capacity}, implementation={o.implementation}"
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: Any = None,
+                ctx: Any = None, generator: torch.Generator | None = None,
+                route: RouterOutput | None = None) -> torch.Tensor:
+        return self.route_forward(x, attention_mask, cache, ctx, generator, route)
+
+
 def _cache_length(cache: Any, layer_idx: int) -> int:
     if hasattr(cache, "get_seq_length"):
         return int(cache.get_seq_length(layer_idx))
@@ -319,9 +341,9 @@ class SkipKVCache:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def find_skip_layers(model: nn.Module) -> list[SkipLayer]:
+def find_skip_layers(model: nn.Module) -> list[SkipRouting]:
     """Every SkipLayer under ``model``, in module order."""
-    return [m for m in model.modules() if isinstance(m, SkipLayer)]
+    return [m for m in model.modules() if isinstance(m, SkipRouting)]
 
 
 def skip_layer_aux_loss(model: nn.Module) -> torch.Tensor:
