@@ -42,6 +42,10 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def _pct(fraction: float) -> str:
+    return f"{round(100 * fraction, 1) + 0.0:.1f}%"  # + 0.0: a rounded -0.0 prints as 0.0
+
+
 def table(results: dict[str, list[dict]]) -> str:
     base_lt = statistics.mean(r["consumed_layer_tokens"] for r in results["baseline"])
     base_wall = statistics.mean(r["wall_s"] for r in results["baseline"])
@@ -51,7 +55,7 @@ def table(results: dict[str, list[dict]]) -> str:
         lt = statistics.mean(r["consumed_layer_tokens"] for r in runs)
         wall = statistics.mean(r["wall_s"] for r in runs)
         lines.append(f"| {arm} | {runs[0]['steps']} | {mean_std([r['final_val_loss'] for r in runs])} | {lt:,.0f} "
-                     f"| {100 * (1 - lt / base_lt):.1f}% | {wall:.1f} | {100 * (1 - wall / base_wall):.1f}% |")
+                     f"| {_pct(1 - lt / base_lt)} | {wall:.1f} | {_pct(1 - wall / base_wall)} |")
     return "\n".join(lines)
 
 
