@@ -127,6 +127,10 @@ class HadSkipLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"layer_id={self.layer_id}, estimator={self.estimator!r}, tau={self.tau}"
 
+    def run_layer(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Call the wrapped layer on batch-first ``hidden`` (framework adapters override the calling convention)."""
+        return self.layer(hidden, *args, **kwargs)
+
     def gates(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Gate values ``[b]`` in {0, 1} for input ``hidden`` (estimator sample in training, rule in eval)."""
         if self.force_gate is not None:
@@ -141,12 +145,12 @@ class HadSkipLayer(nn.Module):
         b = hidden.shape[0]
         if not self.gating:
             self.last_gate, self.last_calls = None, b
-            return self.layer(hidden, *args, **kwargs)
+            return self.run_layer(hidden, *args, **kwargs)
         g = self.gates(hidden, gate_mask)
         self.last_gate = g
         if self.training or not self.real_skip:
             self.last_calls = b
-            out = self.layer(hidden, *args, **kwargs)
+            out = self.run_layer(hidden, *args, **kwargs)
             first = out if isinstance(out, torch.Tensor) else out[0]
             gb = g.view(b, 1, 1).to(first.dtype)
             mixed = first * gb + hidden.to(first.dtype) * (1 - gb)
@@ -163,7 +167,7 @@ class HadSkipLayer(nn.Module):
         if k == 0:
             return hidden
         if k == b:
-            out = self.layer(hidden, *args, **kwargs)
+            out = self.run_layer(hidden, *args, **kwargs)
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"HadSkip layer {self.layer_id}: real skipping needs a layer that returns a tensor, "
                                 f"got {type(out).__name__}; set real_skip = False for this layer")
@@ -175,7 +179,8 @@ class HadSkipLayer(nn.Module):
                 return _select_rows(value, rows)
             return value
 
-        out = self.layer(_select_rows(hidden, rows), *[sub(a) for a in args], **{n: sub(v) for n, v in kwargs.items()})
+        out = self.run_layer(_select_rows(hidden, rows), *[sub(a) for a in args],
+                             **{n: sub(v) for n, v in kwargs.items()})
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"HadSkip layer {self.layer_id}: real skipping needs a layer that returns a tensor, got "
                             f"{type(out).__name__}; set real_skip = False for this layer")
