@@ -55,7 +55,7 @@ def test_real_skipping_equals_masked_and_skips_the_layer():
     pattern = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 1, 0]], dtype=torch.float32)
     calls = []
     for i, m in enumerate(layers):
-        m.gates = (lambda i: lambda hidden, mask=None: pattern[i].to(hidden.dtype))(i)
+        m.gates = lambda hidden, mask=None, i=i: pattern[i].to(hidden.dtype)
         m.layer.register_forward_pre_hook(lambda mod, a, kw, i=i: calls.append((i, kw["hidden_states"].shape[1])),
                                           with_kwargs=True)
     ids, mask = _inputs()

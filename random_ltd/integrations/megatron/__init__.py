@@ -1,6 +1,7 @@
 """megatron-core integration: a random-LTD ``TransformerLayer``, GPT/BERT ModuleSpecs, and the CPU shim.
 
-SkipLayer for megatron-core GPT lives in ``random_ltd.integrations.megatron.skip_layer`` (``gpt_skip_layer_specs``).
+SkipLayer for megatron-core GPT lives in ``random_ltd.integrations.megatron.skip_layer`` (``gpt_skip_layer_specs``),
+HadSkip for megatron-core BERT in ``random_ltd.integrations.megatron.hadskip`` (``convert_bert_to_hadskip``).
 
 Importing this package applies ``apply_cpu_shim()`` when CUDA is absent (a no-op on GPU machines), so megatron-core
 models train on CPU with gloo.
