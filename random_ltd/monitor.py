@@ -12,11 +12,30 @@ event whose step is below the last one logged, so a different x-axis would lose 
 
 from __future__ import annotations
 
+import netrc
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-__all__ = ["RandomLTDMonitor", "METRIC_KEYS"]
+__all__ = ["RandomLTDMonitor", "METRIC_KEYS", "wandb_credentials_configured"]
+
+
+def wandb_credentials_configured(environ: dict[str, str] | None = None) -> bool:
+    """Whether W&B can log online without asking: ``WANDB_API_KEY`` set, or a ``wandb login`` entry in the netrc
+    file (``NETRC`` or ``~/.netrc``) for the W&B host (``WANDB_BASE_URL``, default api.wandb.ai)."""
+    env = os.environ if environ is None else environ
+    if env.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(env.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = Path(env.get("NETRC", Path.home() / ".netrc"))
+    try:
+        entry = netrc.netrc(str(path)).authenticators(host)
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return bool(entry and entry[2])
 
 METRIC_KEYS = (
     "random_ltd/kept_length",

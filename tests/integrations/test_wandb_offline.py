@@ -166,12 +166,13 @@ def history_rows(records: list) -> list[dict]:
 
 @pytest.fixture
 def wandb_env(tmp_path):
-    """WANDB_DIR in tmp, no WANDB_MODE and no API key in the environment; restored afterwards."""
-    keys = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "WANDB_SILENT", "WANDB_CONSOLE")
+    """WANDB_DIR in tmp, no WANDB_MODE, no API key and no netrc login; restored afterwards."""
+    keys = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "WANDB_SILENT", "WANDB_CONSOLE", "NETRC")
     saved = {k: os.environ.get(k) for k in keys}
     for k in keys:
         os.environ.pop(k, None)
     os.environ["WANDB_DIR"] = str(tmp_path)
+    os.environ["NETRC"] = str(tmp_path / "no-netrc")  # a developer's `wandb login` must not make this run online
     os.environ["WANDB_SILENT"] = "true"
     os.environ["WANDB_CONSOLE"] = "off"
     yield tmp_path
@@ -241,3 +242,15 @@ def test_csv_monitor_writes_one_file_per_metric(tmp_path) -> None:
             assert values == [expected_consumed(t) for t in range(STEPS)]
         elif key == "random_ltd/lr":
             assert all(v > 0 for v in values)
+
+
+def test_wandb_credentials_from_env_or_netrc(tmp_path) -> None:
+    from random_ltd.monitor import wandb_credentials_configured
+
+    netrc_file = tmp_path / "netrc"
+    assert not wandb_credentials_configured({"NETRC": str(netrc_file)})  # no file
+    assert wandb_credentials_configured({"WANDB_API_KEY": "k", "NETRC": str(netrc_file)})
+    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    netrc_file.chmod(0o600)
+    assert wandb_credentials_configured({"NETRC": str(netrc_file)})  # `wandb login` writes this
+    assert not wandb_credentials_configured({"NETRC": str(netrc_file), "WANDB_BASE_URL": "https://wandb.example.com"})

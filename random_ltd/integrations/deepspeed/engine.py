@@ -32,7 +32,7 @@ from random_ltd.config import (
 )
 from random_ltd.layers import RandomLTDState, convert_to_random_ltd
 from random_ltd.layers.convert import LayerSpec, find_layers
-from random_ltd.monitor import RandomLTDMonitor
+from random_ltd.monitor import RandomLTDMonitor, wandb_credentials_configured
 from random_ltd.schedules import LayerTokenLR, MSLGSchedule
 
 __all__ = ["initialize", "RandomLTDEngineMixin", "deepspeed_view_of_config"]
@@ -213,8 +213,8 @@ def initialize(
                                             layer_token_source=lambda: schedule.consumed_layer_tokens)
 
     if ds_config.get("wandb", {}).get("enabled") and "WANDB_MODE" not in os.environ \
-            and "WANDB_API_KEY" not in os.environ:
-        os.environ["WANDB_MODE"] = "offline"  # no network unless the user configured W&B
+            and not wandb_credentials_configured():
+        os.environ["WANDB_MODE"] = "offline"  # no network (and no login prompt) unless the user configured W&B
 
     kwargs = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                   training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
