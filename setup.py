@@ -20,26 +20,25 @@ also gets PTX so newer GPUs can JIT it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 from setuptools import find_namespace_packages, setup
 
-CSRC = "csrc"
-CPU_SOURCES = [f"{CSRC}/random_ltd.cpp", f"{CSRC}/cpu/token_ops_cpu.cpp"]
-CUDA_SOURCES = [f"{CSRC}/cuda/token_ops_cuda.cu"]
+
+def _load_toolchain():
+    """random_ltd/ops/_toolchain.py by path: the build facts it shares with the JIT fallback, no package import."""
+    path = Path(__file__).resolve().parent / "random_ltd" / "ops" / "_toolchain.py"
+    spec = importlib.util.spec_from_file_location("_random_ltd_toolchain", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _nvcc_found() -> bool:
-    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if cuda_home and (Path(cuda_home) / "bin" / "nvcc").exists():
-        return True
-    return shutil.which("nvcc") is not None
+_tc = _load_toolchain()
+_flag, _nvcc_found = _tc.env_flag, _tc.nvcc_found
+CPU_SOURCES, CUDA_SOURCES = list(_tc.CPU_SOURCES), list(_tc.CUDA_SOURCES)
 
 
 def _gencode_flags(archs: str) -> list[str]:
@@ -65,9 +64,7 @@ def _extensions() -> tuple[list, dict]:
             "`pip install --no-build-isolation -e .` (or set RANDOM_LTD_SKIP_BUILD=1 for a pure Python install)"
         ) from exc
 
-    # The OpenMP pragmas of at::parallel_for are compiled into our own code: without -fopenmp it runs serially.
-    cxx_flags = ["-O3", "-fopenmp"]
-    link_flags = ["-fopenmp"]
+    cxx_flags, link_flags = list(_tc.CXX_FLAGS), list(_tc.LINK_FLAGS)
     want_cuda = _flag("RANDOM_LTD_FORCE_CUDA") or (
         not _flag("RANDOM_LTD_SKIP_CUDA_BUILD") and torch.version.cuda is not None and _nvcc_found()
     )

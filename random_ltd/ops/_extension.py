@@ -14,8 +14,6 @@ public ops (random_ltd/ops/token_ops.py) compose gather and scatter for their ba
 
 from __future__ import annotations
 
-import os
-import shutil
 import threading
 import warnings
 from dataclasses import dataclass
@@ -23,6 +21,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+
+from random_ltd.ops._toolchain import CPU_SOURCES, CUDA_SOURCES, CXX_FLAGS, LINK_FLAGS
+from random_ltd.ops._toolchain import env_flag as _env_flag
+from random_ltd.ops._toolchain import nvcc_found as _nvcc_found
 
 __all__ = ["ExtensionStatus", "load", "OPS", "CSRC_DIR"]
 
@@ -53,17 +55,6 @@ _lock = threading.Lock()
 _status: ExtensionStatus | None = None
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _nvcc_found() -> bool:
-    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if cuda_home and (Path(cuda_home) / "bin" / "nvcc").exists():
-        return True
-    return shutil.which("nvcc") is not None
-
-
 def _has_cuda_kernels() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("random_ltd::gather_tokens", "CUDA")
 
@@ -72,14 +63,15 @@ def _jit_compile() -> None:
     """Compile csrc/ in torch's extension cache and load it as a plain library (no Python module needed)."""
     from torch.utils import cpp_extension
 
-    sources = [CSRC_DIR / "random_ltd.cpp", CSRC_DIR / "cpu" / "token_ops_cpu.cpp"]
+    root = CSRC_DIR.parent
+    sources = [root / p for p in CPU_SOURCES]
     missing = [str(p) for p in sources if not p.exists()]
     if missing:
         raise FileNotFoundError(f"kernel sources not found: {', '.join(missing)}")
-    cflags = ["-O3", "-fopenmp"]  # -fopenmp: at::parallel_for's OpenMP pragmas are compiled into our code.
+    cflags = list(CXX_FLAGS)
     cuda_cflags: list[str] = []
     if torch.version.cuda is not None and _nvcc_found():
-        sources.append(CSRC_DIR / "cuda" / "token_ops_cuda.cu")
+        sources += [root / p for p in CUDA_SOURCES]
         cflags.append("-DWITH_CUDA")
         cuda_cflags = ["-O3"]
     cpp_extension.load(
@@ -87,7 +79,7 @@ def _jit_compile() -> None:
         sources=[str(p) for p in sources],
         extra_cflags=cflags,
         extra_cuda_cflags=cuda_cflags,
-        extra_ldflags=["-fopenmp"],
+        extra_ldflags=list(LINK_FLAGS),
         is_python_module=False,
         verbose=_env_flag("RANDOM_LTD_JIT_VERBOSE"),
     )
