@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
+from netutil import free_port
 
 import random_ltd.integrations.megatron as rltd_megatron  # applies the CPU shim first
 from random_ltd.integrations.megatron import bert_layer_spec, gpt_layer_specs
 
 VOCAB = 64
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_parallel(tp: int = 1, sp: bool = False) -> None:

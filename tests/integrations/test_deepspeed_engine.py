@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import socket
 import sys
 import warnings
 from pathlib import Path
@@ -26,6 +25,7 @@ from tiny_models import TinyGPT  # noqa: E402
 deepspeed = pytest.importorskip("deepspeed")
 
 pytestmark = [
+    pytest.mark.usefixtures("dist_env"),
     # DeepSpeed and torch emit these on CPU; they say nothing about our code.
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
     pytest.mark.filterwarnings("ignore::FutureWarning"),
@@ -36,22 +36,6 @@ L, SEQ, VOCAB, HIDDEN = 4, 32, 64, 16
 MB = 4  # micro-batch size
 DROP_IDS = (1, 2)  # the layers random-LTD wraps (default: all but the first and last)
 RLTD_PATH = "data_efficiency.data_routing.random_ltd"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def dist_env():
-    """A one-process 'world' for DeepSpeed's env:// rendezvous on a free port."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
-                           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
-            mp.setenv(key, value)
-        yield
 
 
 # --------------------------------------------------------------------------------------------------------------------

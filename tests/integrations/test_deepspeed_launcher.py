@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from netutil import free_port
 
 pytest.importorskip("deepspeed")
 
@@ -32,12 +32,6 @@ TIMEOUT = 150  # seconds per launch; a normal run takes ~15 s
 STEPS, GAS, MB, SEQ, L = 3, 2, 2, 32, 4
 KEPT = [8, 8, 16]  # fixed_linear: min 8, max 32, require_steps 6, seq_per_step 8 (ds_worker.config)
 WORLD = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launcher() -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import struct
 import sys
 import time
@@ -29,28 +28,13 @@ from tiny_models import TinyGPT  # noqa: E402
 pytest.importorskip("deepspeed")
 
 pytestmark = [
+    pytest.mark.usefixtures("dist_env"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
     pytest.mark.filterwarnings("ignore::FutureWarning"),
 ]
 
 L, SEQ, MB, STEPS = 4, 32, 4, 4
 KEPT = [8, 8, 16, 16]  # fixed_linear: min 8, max 32, require_steps 6, seq_per_step 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def dist_env():
-    """A one-process 'world' for DeepSpeed's env:// rendezvous on a free port."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
-                           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
-            mp.setenv(key, value)
-        yield
 
 
 def config(**monitors) -> dict:
