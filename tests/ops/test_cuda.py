@@ -8,11 +8,22 @@ Skipped cleanly on machines without a GPU or without a CUDA build of the extensi
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
 import torch
+from kernel_cases import (
+    DTYPES,
+    GATHER_CASES,
+    LAYOUTS,
+    SAMPLER_CASES,
+    as_int,
+    assert_bitwise_equal,
+    random_indices,
+    random_tensor,
+    reference_slice,
+    sampler_case_id,
+)
 
 from random_ltd.ops import _extension
 from random_ltd.ops import reference as ref
@@ -33,44 +44,6 @@ pytestmark = [
 
 ops = torch.ops.random_ltd
 DEV = "cuda"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.bool]
-LAYOUTS = [pytest.param(False, id="sbh"), pytest.param(True, id="bsh")]
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    """CPU tensor of arbitrary bit patterns (bool: 0/1): only an exact byte copy reproduces them."""
-    if dtype == torch.bool:
-        return torch.randint(0, 2, shape, generator=gen).bool()
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=gen).view(dtype).view(shape)
-
-
-def as_int(t: torch.Tensor) -> torch.Tensor:
-    """Same bytes as integers: the oracle runs on these (torch float kernels do not keep NaN bits)."""
-    if t.dtype == torch.bool:
-        return t
-    size = t.element_size()
-    return t.view(torch.int64) if size == 16 else t.view(_INT_OF_SIZE[size])
-
-
-def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype
-    assert actual.is_contiguous()
-    assert torch.equal(actual.cpu().contiguous().view(torch.uint8), expected.cpu().contiguous().view(torch.uint8))
-
-
-def random_indices(b: int, s: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    """Distinct, unsorted positions per row (CPU)."""
-    return torch.stack([torch.randperm(s, generator=gen)[:k] for _ in range(b)])
-
-
-def reference_slice(mask: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    rows = []
-    for i in range(idx.shape[0]):
-        m = mask[i if mask.shape[0] > 1 else 0]
-        rows.append(m[:, idx[i]][:, :, idx[i]])
-    return torch.stack(rows)
 
 
 def check_gather_scatter(x: torch.Tensor, idx: torch.Tensor, batch_first: bool, gen: torch.Generator) -> None:
@@ -85,13 +58,6 @@ def check_gather_scatter(x: torch.Tensor, idx: torch.Tensor, batch_first: bool, 
     out = ops.scatter_tokens(xd, y.to(DEV), idx_d, batch_first)
     assert_bitwise_equal(as_int(out), ref.scatter_tokens(as_int(xc), as_int(y), idx, batch_first))
     assert torch.equal(as_int(xd).cpu(), as_int(xc)), "scatter_tokens must be out of place"
-
-
-SEQ_KEEP = [(1, 1), (97, 1), (97, 40), (97, 97), (1025, 1), (1025, 300), (1025, 1025)]
-GATHER_CASES = [
-    pytest.param(s, k, h, id=f"s{s}-k{k}-h{h}") for h in (1, 7, 1000, 4099) for s, k in SEQ_KEEP
-    if not (h == 4099 and s == 1025)
-]
 
 
 @pytest.mark.parametrize("batch_first", LAYOUTS)
@@ -161,24 +127,11 @@ def test_offsets_beyond_int32() -> None:
 # --------------------------------------------------------------------------------------------------------------
 # Sampler
 
-SAMPLER_CASES = [
-    (1, 1, 1, 1, 0, 0, 0, 0),
-    (2, 3, 97, 1, 1, 0, 0, 0),
-    (2, 3, 97, 97, 1, 0, 0, 0),
-    (3, 4, 97, 50, 123, 7, 1, 2),
-    (1, 2, 1025, 512, 2**32 + 5, 2**33 + 1, 3, 0),
-    (4, 8, 2048, 128, 1234, 100_000, 0, 1),
-    (2, 2, 2048, 1920, 2**63 - 1, 2**63 - 1, 2**32 - 1, 2**32 - 3),
-    (22, 2, 512, 256, 42, 5, 7, 1),
-    (24, 16, 2048, 1024, 7, 123456, 2, 0),
-    (1, 2, 32768, 4096, 99, 3, 0, 5),
-    (1, 1, 32768, 1, 99, 3, 0, 5),
-    (1, 1, 40000, 39999, 5, 0, 0, 0),
-    (1, 2, 200_000, 70_000, 8, 1, 0, 0),
-]
+# CUDA-only extras: a large batch of rows and a sequence beyond the shared-memory path
+CUDA_SAMPLER_CASES = [*SAMPLER_CASES, (24, 16, 2048, 1024, 7, 123456, 2, 0), (1, 2, 200_000, 70_000, 8, 1, 0, 0)]
 
 
-@pytest.mark.parametrize("case", SAMPLER_CASES, ids=lambda c: "L{}-B{}-s{}-k{}-seed{}-step{}-mb{}-off{}".format(*c))
+@pytest.mark.parametrize("case", CUDA_SAMPLER_CASES, ids=sampler_case_id)
 def test_sampler_matches_reference(case: tuple[int, ...]) -> None:
     layers, batch, s, k, seed, step, mb, off = case
     out = torch.full((layers, batch, k), -1, dtype=torch.long, device=DEV)
