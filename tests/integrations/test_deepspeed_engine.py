@@ -429,18 +429,8 @@ def test_zero_stages(stage: int, tmp_path) -> None:
 class CheckpointedTinyGPT(TinyGPT):
     """TinyGPT whose layers run under non-reentrant torch.utils.checkpoint (recomputed in backward)."""
 
-    def forward(self, tokens, labels=None):
-        b, s = tokens.shape
-        mask = torch.ones(s, s, dtype=torch.bool, device=tokens.device).triu(1).expand(b, 1, s, s)
-        pos = torch.arange(s, device=tokens.device).expand(b, s)
-        x = self.embed(tokens)
-        for layer in self.layers:
-            x = torch.utils.checkpoint.checkpoint(layer, x, attention_mask=mask, position_ids=pos,
-                                                  use_reentrant=False)
-        logits = self.head(x)
-        if labels is None:
-            return logits
-        return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    def run_layer(self, layer, x, mask, pos):
+        return torch.utils.checkpoint.checkpoint(layer, x, attention_mask=mask, position_ids=pos, use_reentrant=False)
 
 
 def test_activation_checkpointing_matches_plain() -> None:

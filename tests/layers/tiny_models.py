@@ -37,13 +37,16 @@ class TinyGPT(nn.Module):
         self.head = nn.Linear(hidden, vocab)
         self.seq = seq
 
+    def run_layer(self, layer: nn.Module, x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return layer(x, attention_mask=mask, position_ids=pos)
+
     def forward(self, tokens, labels=None):
         b, s = tokens.shape
         mask = torch.ones(s, s, dtype=torch.bool, device=tokens.device).triu(1).expand(b, 1, s, s)
         pos = torch.arange(s, device=tokens.device).expand(b, s)
         x = self.embed(tokens)
         for layer in self.layers:
-            x = layer(x, attention_mask=mask, position_ids=pos)
+            x = self.run_layer(layer, x, mask, pos)
         logits = self.head(x)
         if labels is None:
             return logits
