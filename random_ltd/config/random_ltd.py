@@ -14,6 +14,13 @@ A config written for DeepSpeed's random-LTD loads unchanged. Differences from De
   ``random_ltd.enabled``; when the flags disagree we disable random-LTD and warn.
 * Unknown keys are errors (DeepSpeed silently ignores typos such as ``require_step``). The keys DeepSpeed's engine
   injects into its own parsed copy (``global_batch_size``, ``micro_batch_size``) are not user keys and are rejected.
+  The same holds in the two parents (``data_efficiency``: enabled, seed, data_sampling, data_routing;
+  ``data_routing``: enabled, random_ltd), and a top-level key that looks like a misspelled or misplaced path segment
+  (``data_efficency``, ``random-ltd``) is an error while the real one is missing: it would switch random-LTD off.
+* Files are read as ``deepspeed.initialize`` reads them (Hjson comments allowed, duplicate keys rejected); an
+  unreadable file is a ConfigError naming it.
+* ``seed`` is in ``[0, 2**63 - 1]`` (``random_ltd.seeds``) and ``total_layer_num`` at most ``MAX_LAYERS`` (2**16).
+* Without its own ``lr``, LayerToken LR's ``min_lr`` must not exceed ``optimizer.params.lr`` when the config has one.
 * When the block is disabled (by its own flag or a parent's) nothing else is required, but whatever is present is
   still type-checked.
 * ``fixed_linear`` with ``min_value < seq_per_step`` is rejected (DeepSpeed's round-down would keep 0 tokens), and
