@@ -347,7 +347,6 @@ def _base64_config(text: str) -> dict[str, Any] | None:
     return _parse_config_text(decoded, "the base64-encoded DeepSpeed config")
 
 
-
 def _sub_block(parent: dict[str, Any], key: str, parent_path: str) -> dict[str, Any]:
     """``parent[key]`` as a dict ({} when absent); a non-object is a ConfigError."""
     value = parent.get(key, {})

@@ -473,7 +473,6 @@ class RandomLTDConfig(_Block):
         return cls.model_validate(block)
 
 
-
 def _near(key: Any, names: tuple[str, ...]) -> str | None:
     """The name in ``names`` that ``key`` most likely misspells (case, '-' for '_', a letter or two), or None."""
     norm = str(key).strip().lower().replace("-", "_").replace(" ", "_")
