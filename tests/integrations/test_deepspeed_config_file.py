@@ -66,3 +66,13 @@ def test_initialize_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(random_ltd.ConfigError, match="no such config file"):
         init(path)
     assert not path.exists()
+
+
+def test_initialize_min_lr_above_optimizer_lr_fails_before_deepspeed(tmp_path: Path) -> None:
+    """Used to pass validation and fail inside deepspeed.initialize (LayerTokenLR's constructor)."""
+    path = tmp_path / "lr.json"
+    lr_block = ('"layer_token_lr_schedule": {"enabled": true, "total_layer_tokens": 100000, "min_lr": 0.01},')
+    path.write_text(CONFIG_TEXT % {"layers": L, "extra": lr_block})
+    with pytest.raises(random_ltd.ConfigError, match=rf"^{RLTD}\.layer_token_lr_schedule\.min_lr: 0\.01 > "
+                                                     r"optimizer\.params\.lr 0\.001"):
+        init(path)
