@@ -8,7 +8,6 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, StrictBool, model_validator
 
 from random_ltd.config.common import (
-    MAX_LAYERS,
     ConfigError,
     ConfigIssue,
     Int,
@@ -81,8 +80,7 @@ class HadSkipConfig(_Block):
     enabled: StrictBool = Field(True, description="Turn HadSkip on.")
     budget: PositiveReal = Field(description="Target expected number of layers used per sequence, s (paper: 3/6/9 "
                                  "of 12). Required.")
-    num_layers: Int | None = Field(None, ge=1, le=MAX_LAYERS, description="Gated layers L; checked against the model "
-                                   "when given.")
+    num_layers: Int | None = Field(None, ge=1, description="Gated layers L; checked against the model when given.")
     beta: NonNegativeReal = Field(1.0, description="Budget penalty weight (paper: 1), in fraction-of-layers units.")
     alpha_p: NonNegativeReal = Field(1.0, description="Weight of L_p, KL(teacher || student) on predictions.")
     alpha_h: NonNegativeReal = Field(1.0, description="Weight of L_h, MSE of per-layer hidden states.")
