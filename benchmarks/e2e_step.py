@@ -80,7 +80,8 @@ def _plain(args: argparse.Namespace, dtype: torch.dtype) -> Bench:
     model = PlainGPT(L, args.hidden_size, args.num_attention_heads, args.vocab_size, s).to(device=device, dtype=dtype)
     model.rotary = model.rotary.float()  # angles stay fp32 (cast after cos/sin), as Megatron's table
     model.train()
-    state = convert_to_random_ltd(model, layers=model.layers, config=RandomLTDConfig(total_layer_num=L))
+    state = convert_to_random_ltd(model, layers=model.layers,
+                                  config=RandomLTDConfig(total_layer_num=L, hidden_state_order="seq_batch_dim"))
     ids = torch.randint(0, args.vocab_size, (b, s), device=device)
 
     def configure(kind: str, k: int) -> None:
@@ -136,7 +137,7 @@ def _megatron(args: argparse.Namespace, dtype: torch.dtype) -> Bench:
                             bf16=dtype == torch.bfloat16, params_dtype=dtype)
     model = GPTModel(cfg, gpt_layer_specs(L), vocab_size=args.vocab_size, max_sequence_length=s,
                      position_embedding_type="rope").to(device).train()
-    state = convert_to_random_ltd(model, config=RandomLTDConfig(total_layer_num=L))
+    state = convert_to_random_ltd(model, config=RandomLTDConfig(total_layer_num=L, hidden_state_order="seq_batch_dim"))
     ids = torch.randint(0, args.vocab_size, (b, s), device=device)
     pos = torch.arange(s, device=device)[None].expand(b, s)
     block = model.decoder
@@ -326,7 +327,10 @@ def main(argv: list[str] | None = None) -> int:
                 opt.zero_grad(set_to_none=True)
             sync()
             elapsed, nfaults = time.perf_counter() - t0, minor_faults() - f0
-            bench.state.finish_step()
+            count = bench.state.finish_step()
+            if kind == "ltd" and count.consumed != b * (2 * s + (L - 2) * k):
+                raise RuntimeError(f"{name}: random-LTD ran {count.consumed} layer-tokens, expected "
+                                   f"{b * (2 * s + (L - 2) * k)}: the layers did not drop as configured")
             if it >= warmup:
                 times[name].append(elapsed)
                 faults[name].append(nfaults)
