@@ -58,6 +58,8 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 #: minor faults per step above which a CPU arm is said to measure the allocator
 FAULT_WARNING = 1000
+#: interquartile range over median above which an arm's times are called noisy
+NOISE_WARNING = 0.2
 
 
 @dataclass
@@ -181,6 +183,14 @@ def arms_for(seq_len: int, ratios: list[float]) -> list[tuple[str, str, int]]:
     return arms
 
 
+def spread(values: list[float]) -> float | None:
+    """Interquartile range over median: how much the machine disturbed an arm (None below 2 samples)."""
+    if len(values) < 2:
+        return None
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return (q3 - q1) / statistics.median(values)
+
+
 def check_bounds(summary: list[dict[str, Any]], skip_saving: float, num_layers: int) -> list[str]:
     """Move every saving above ``skip``'s (and a ``skip`` above (L-2)/L) to ``*_raw`` with the reason; the errors."""
     errors = []
@@ -235,11 +245,13 @@ def print_tables(result: dict[str, Any]) -> None:
     print(f"\n{result['model']} {result['dtype']} on {result['env']['device']}")
     print(f"malloc env: {result['malloc_env_active']}; medians of {result['iters']} interleaved rounds "
           f"(after {result['warmup']} warm-up)")
-    print("| arm | kept | step (ms) | minor faults / step |" + (" peak MiB |" if result["device"] == "cuda" else ""))
-    print("|---|---|---|---|" + ("---|" if result["device"] == "cuda" else ""))
+    print("| arm | kept | step (ms) | spread (IQR / median) | minor faults / step |"
+          + (" peak MiB |" if result["device"] == "cuda" else ""))
+    print("|---|---|---|---|---|" + ("---|" if result["device"] == "cuda" else ""))
     for a in result["arms"]:
         mem = f" {a['peak_mib']:.0f} |" if a.get("peak_mib") is not None else ""
-        print(f"| {a['name']} | {a['kept']} | {1e3 * a['step_s']:.2f} | {a['minor_faults']:.0f} |{mem}")
+        print(f"| {a['name']} | {a['kept']} | {1e3 * a['step_s']:.2f} | {_pct(a['spread'])} | "
+              f"{a['minor_faults']:.0f} |{mem}")
     b = result["bounds"]
     print(f"\nskip (middle layers removed) saves {_pct(b['skip_saving'])} (removes {_pct(b['skip_theoretical'])} of "
           "the layers): no arm can save more")
@@ -344,9 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     arm_rows = []
     for name, kind, k in arms:
         row = {"name": name, "kind": kind, "kept": k, "step_s": statistics.median(times[name]),
-               "step_s_all": times[name], "minor_faults": statistics.median(faults[name]),
+               "step_s_all": times[name], "spread": spread(times[name]),
+               "minor_faults": statistics.median(faults[name]),
                "peak_mib": peaks[name] / 2**20 if name in peaks else None}
         arm_rows.append(row)
+        if row["spread"] is not None and row["spread"] > NOISE_WARNING:
+            warnings.append(f"{name}: step times spread {100 * row['spread']:.0f}% (IQR / median): a loaded machine")
         if args.device == "cpu" and row["minor_faults"] > FAULT_WARNING:
             warnings.append(f"{name}: {row['minor_faults']:.0f} minor faults per step: its time includes page faults")
     result = {

@@ -268,7 +268,7 @@ def bench_overhead(device: str, ours: bool, block_time: float, rounds: int) -> l
     y = torch.randn(k, b, h, device=device, dtype=torch.bfloat16)
     idx = ref.sample_sorted_indices(1, b, s, k, seed=5, device=device)[0]
     out = torch.empty(1, b, k, dtype=torch.long, device=device)
-    mask = torch.ones(s, s, device=device, dtype=torch.bool).triu(1)[None, None]
+    mask = torch.ones(s, s, dtype=torch.bool).triu(1)[None, None].to(device)
     table = torch.randn(s, 1, 1, 32, device=device)
     raw = torch.ops.random_ltd if ours else None
     cases: list[tuple[str, str, Callable[[], object], str | None, Callable[[], object] | None]] = [

@@ -68,6 +68,9 @@ def e2e_table(path: Path, d: dict[str, Any]) -> str:
                      f"{_num(r['realized_over_bypass'])} | {_pct(r['ops_overhead_of_step'])} | "
                      f"{faults.get('ltd@' + str(r['kept']), float('nan')):.0f} |")
     lines.append(f"\nfull arm: {faults.get('full', float('nan')):.0f} minor faults per step.")
+    noisy = [f"{a['name']} {100 * a['spread']:.0f}%" for a in d["arms"] if (a.get("spread") or 0) > 0.2]
+    if noisy:
+        lines.append(f"Noisy arms (interquartile range / median > 20%, a loaded machine): {', '.join(noisy)}.")
     for e in d.get("errors", []):
         lines.append(f"\n**measurement error**: {e}")
     return "\n".join(lines)
