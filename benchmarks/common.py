@@ -30,13 +30,14 @@ def malloc_env_active() -> bool:
     return all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())
 
 
-def reexec_with_malloc_env() -> None:
-    """Re-execute this script (same interpreter and arguments) with ``MALLOC_ENV`` unless it is already set."""
-    if malloc_env_active():
+def reexec_with_malloc_env(extra: dict[str, str] | None = None) -> None:
+    """Re-execute this script (same interpreter and arguments) with ``MALLOC_ENV`` (and ``extra``) unless set."""
+    want = {**MALLOC_ENV, **(extra or {})}
+    if all(os.environ.get(k) == v for k, v in want.items()):
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **want})
 
 
 def minor_faults() -> int:
@@ -76,6 +77,7 @@ def environment(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
+        "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "transparent_hugepages": transparent_hugepages(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "argv": sys.argv[1:],

@@ -15,9 +15,11 @@ Arms, timed interleaved (each round runs every arm once, so drift on a shared ma
 * ``ops@k``: random-LTD's own ops alone, forward and backward, for every middle layer (sample + gather + rotary
   gather + scatter at the model's shape, the layer replaced by identity): its overhead, reported as % of ``ltd@k``.
 
-Each step is forward + backward + AdamW. Savings are ``1 - t(arm)/t(full)``; the LayerToken theory is
-``1 - (2s + (L-2)k) / (Ls)``. A saving above ``skip``'s (or ``skip`` above ``(L-2)/L``) is physically impossible:
-it is printed as a measurement error, kept in the JSON only as ``*_raw`` with the reason, and the exit status is 3.
+Each step is forward + backward + AdamW, timed by the wall clock (``--clock process``: this process's CPU time, the
+measure to use with ``--threads 1`` on a machine shared with other jobs). Savings are ``1 - t(arm)/t(full)``; the
+LayerToken theory is ``1 - (2s + (L-2)k) / (Ls)``. A saving above ``skip``'s (or ``skip`` above ``(L-2)/L``) is
+physically impossible: it is printed as a measurement error, kept in the JSON only as ``*_raw`` with the reason, and
+the exit status is 3.
 
 On CPU the process re-executes itself under ``benchmarks.common.MALLOC_ENV`` (glibc keeps freed memory instead of
 unmapping every block of 32 MiB or more), so no arm pays page faults in steady state; minor faults per step are
@@ -243,7 +245,8 @@ def _ratio(v: float | None) -> str:
 def print_tables(result: dict[str, Any]) -> None:
     """The per-arm table and the per-kept-length saving table (markdown)."""
     print(f"\n{result['model']} {result['dtype']} on {result['env']['device']}")
-    print(f"malloc env: {result['malloc_env_active']}; medians of {result['iters']} interleaved rounds "
+    print(f"malloc env: {result['malloc_env_active']}; {result['clock']} clock; medians of {result['iters']} "
+          "interleaved rounds "
           f"(after {result['warmup']} warm-up)")
     print("| arm | kept | step (ms) | spread (IQR / median) | minor faults / step |"
           + (" peak MiB |" if result["device"] == "cuda" else ""))
@@ -285,12 +288,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--page-faults", action="store_true", help="CPU: keep glibc's default allocator (the artefact)")
+    p.add_argument("--clock", default="wall", choices=["wall", "process"],
+                   help="what a step's time is: wall clock, or this process's CPU time (user + system, all threads; "
+                        "with --threads 1 on a loaded machine it leaves out the time other jobs held the core)")
     p.add_argument("--out", default=None, help="JSON path")
     args = p.parse_args(argv)
     if args.device == "cpu" and not args.page_faults and argv is None:
         reexec_with_malloc_env()
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
+    if args.device == "cuda" and args.clock == "process":
+        p.error("--clock process measures host CPU time; on cuda use the wall clock (the default)")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     preset = PRESETS["dry-run" if args.dry_run else args.preset or "cpu"]
@@ -319,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
 
     times: dict[str, list[float]] = {name: [] for name, _, _ in arms}
+    wall: dict[str, list[float]] = {name: [] for name, _, _ in arms}
+    cpu: dict[str, list[float]] = {name: [] for name, _, _ in arms}
     faults: dict[str, list[int]] = {name: [] for name, _, _ in arms}
     peaks: dict[str, int] = {}
     started = time.time()
@@ -329,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             sync()
-            f0, t0 = minor_faults(), time.perf_counter()
+            f0, c0, t0 = minor_faults(), time.process_time(), time.perf_counter()
             if kind == "ops":
                 bench.state.begin_micro_batch()
                 _ops_step(bench, mid_ids, ops_x, ops_grad, k)
@@ -338,13 +348,15 @@ def main(argv: list[str] | None = None) -> int:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             sync()
-            elapsed, nfaults = time.perf_counter() - t0, minor_faults() - f0
+            elapsed, cpu_s, nfaults = time.perf_counter() - t0, time.process_time() - c0, minor_faults() - f0
             count = bench.state.finish_step()
             if kind == "ltd" and count.consumed != b * (2 * s + (L - 2) * k):
                 raise RuntimeError(f"{name}: random-LTD ran {count.consumed} layer-tokens, expected "
                                    f"{b * (2 * s + (L - 2) * k)}: the layers did not drop as configured")
             if it >= warmup:
-                times[name].append(elapsed)
+                wall[name].append(elapsed)
+                cpu[name].append(cpu_s)
+                times[name].append(cpu_s if args.clock == "process" else elapsed)
                 faults[name].append(nfaults)
                 if args.device == "cuda":
                     peaks[name] = torch.cuda.max_memory_allocated()
@@ -357,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, kind, k in arms:
         row = {"name": name, "kind": kind, "kept": k, "step_s": statistics.median(times[name]),
                "step_s_all": times[name], "spread": spread(times[name]),
+               "wall_s": statistics.median(wall[name]), "process_s": statistics.median(cpu[name]),
                "minor_faults": statistics.median(faults[name]),
                "peak_mib": peaks[name] / 2**20 if name in peaks else None}
         arm_rows.append(row)
@@ -368,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "e2e_step", "model": bench.description, "model_kind": args.model, "device": args.device,
         "dtype": dtype_name, "num_layers": L, "hidden_size": hid, "num_attention_heads": args.num_attention_heads,
         "seq_length": s, "micro_batch_size": b, "vocab_size": args.vocab_size, "warmup": warmup, "iters": iters,
-        "dry_run": args.dry_run, "malloc_env_active": malloc_env_active(), "env": environment(args.device),
+        "dry_run": args.dry_run, "clock": args.clock, "malloc_env_active": malloc_env_active(),
+        "env": environment(args.device),
         "wall_s": time.time() - started, "arms": arm_rows, "bounds": bounds, "summary": summary,
         "errors": errors, "warnings": warnings,
         "notes": "savings 1 - t(arm)/t(full) of medians; skip = middle layers removed (bound); bypass = middle layers "

@@ -330,10 +330,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="cache-flush scratch size (default: twice the last-level cache); 0 skips cold timing")
     parser.add_argument("--page-faults", action="store_true",
                         help="CPU: keep glibc's default allocator behaviour (large outputs page-faulted every call)")
+    parser.add_argument("--thp", action="store_true",
+                        help="CPU: back large tensors with transparent huge pages (torch's THP_MEM_ALLOC_ENABLE=1; "
+                             "needs THP 'madvise' or 'always')")
+    parser.add_argument("--cases", default=None,
+                        help="token cases instead of the default set, e.g. '2048x8x2048:128,32768x1x1024:4096'")
     args = parser.parse_args(argv)
     device = args.device
     if device == "cpu" and not args.page_faults and argv is None:
-        reexec_with_malloc_env()
+        reexec_with_malloc_env({"THP_MEM_ALLOC_ENABLE": "1"} if args.thp else None)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if device == "cuda" and not torch.cuda.is_available():
@@ -366,6 +371,14 @@ def main(argv: list[str] | None = None) -> int:
         sampler_cases = [(22, 8, 2048, 128), (22, 8, 2048, 1024), (22, 1, 32768, 4096)]
         if small:
             sampler_cases = sampler_cases[:2]
+    if args.cases:
+        try:
+            token_cases = [(tuple(int(v) for v in shape.split("x")), int(keep))
+                           for shape, keep in (c.split(":") for c in args.cases.split(","))]
+        except ValueError:
+            parser.error(f"--cases must look like '2048x8x2048:128,512x32x1024:256', got {args.cases!r}")
+        if any(len(shape) != 3 or not 1 <= keep <= shape[0] for shape, keep in token_cases):
+            parser.error(f"--cases: each shape is s x b x h and 1 <= keep <= s, got {args.cases!r}")
 
     rows: list[Row] = []
     started = time.time()

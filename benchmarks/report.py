@@ -52,7 +52,8 @@ def e2e_table(path: Path, d: dict[str, Any]) -> str:
     b = d["bounds"]
     env = d["env"]
     lines = [f"{d['model']}, {d['dtype']}, on {env['device']} (torch {env['torch']}; load average "
-             f"{_num((env.get('load_average') or [None])[0], '.1f')}; medians of {d['iters']} interleaved rounds; "
+             f"{_num((env.get('load_average') or [None])[0], '.1f')}; {d.get('clock', 'wall')} clock; medians of "
+             f"{d['iters']} interleaved rounds; "
              f"`{path}`)", "",
              f"full step {1e3 * b['full_step_s']:.1f} ms; skip (middle layers removed) saves {_pct(b['skip_saving'])} "
              f"of it (removes {_pct(b['skip_theoretical'])} of the layers), the bound no arm can beat.", "",
