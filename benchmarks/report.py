@@ -63,7 +63,7 @@ def e2e_table(path: Path, d: dict[str, Any]) -> str:
     faults = {a["name"]: a["minor_faults"] for a in d["arms"]}
     for r in d["summary"]:
         realized = _pct(r["realized_saving"]) if r["realized_saving"] is not None else \
-            f"{_pct(r.get('realized_saving_raw'))} (above skip: measurement bug)"
+            f"{_pct(r.get('realized_saving_raw'))} (withheld: measurement bug)"
         lines.append(f"| {r['kept']} ({r['keep_ratio']:.4g}) | {realized} | {_pct(r['bypass_saving'])} | "
                      f"{_pct(r['theoretical_saving'])} | {_num(r['realized_over_theoretical'])} | "
                      f"{_num(r['realized_over_bypass'])} | {_pct(r['ops_overhead_of_step'])} | "

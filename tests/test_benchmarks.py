@@ -37,8 +37,12 @@ def test_check_bounds_refuses_savings_above_skip():
 
 
 def test_check_bounds_refuses_skip_above_the_share_of_layers_removed():
-    errors = e2e_step.check_bounds([], skip_saving=0.80, num_layers=8)
+    rows = [_summary_row(32, 0.755, 0.764)]
+    errors = e2e_step.check_bounds(rows, skip_saving=0.80, num_layers=8)
     assert len(errors) == 1 and "(L-2)/L" in errors[0]
+    # the full arm is inflated, so every saving of the run is withheld, not only those above skip's
+    assert rows[0]["realized_saving"] is None and rows[0]["bypass_saving"] is None
+    assert rows[0]["realized_saving_raw"] == 0.755 and "inflated" in rows[0]["bound_violation"]
     assert e2e_step.check_bounds([_summary_row(32, 0.70, 0.71)], skip_saving=0.749, num_layers=8) == []
 
 
@@ -52,7 +56,7 @@ def test_report_marks_a_bound_violation(tmp_path):
             "bounds": {"full_step_s": 1.0, "skip_saving": 0.749, "skip_theoretical": 0.75},
             "arms": [{"name": "full", "minor_faults": 0}, {"name": "ltd@32", "minor_faults": 1}], "summary": rows}
     text = report.e2e_table(tmp_path / "x.json", data)
-    assert "77.2% (above skip: measurement bug)" in text and "**measurement error**" in text
+    assert "77.2% (withheld: measurement bug)" in text and "**measurement error**" in text
 
 
 def test_arms_for_covers_every_bound_once():
