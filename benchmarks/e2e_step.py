@@ -218,6 +218,10 @@ def check_bounds(summary: list[dict[str, Any]], skip_saving: float, num_layers: 
             row[f"{key}_raw"] = value
             row[key] = None
             row["bound_violation"] = reason
+            # ratios built on a withheld saving are withheld with it
+            for ratio in ("realized_over_theoretical", "realized_over_bypass"):
+                if row.get(ratio) is not None:
+                    row[f"{ratio}_raw"], row[ratio] = row[ratio], None
     return errors
 
 

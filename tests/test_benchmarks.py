@@ -37,12 +37,13 @@ def test_check_bounds_refuses_savings_above_skip():
 
 
 def test_check_bounds_refuses_skip_above_the_share_of_layers_removed():
-    rows = [_summary_row(32, 0.755, 0.764)]
+    rows = [{**_summary_row(32, 0.755, 0.764), "realized_over_theoretical": 1.07, "realized_over_bypass": 0.99}]
     errors = e2e_step.check_bounds(rows, skip_saving=0.80, num_layers=8)
     assert len(errors) == 1 and "(L-2)/L" in errors[0]
     # the full arm is inflated, so every saving of the run is withheld, not only those above skip's
     assert rows[0]["realized_saving"] is None and rows[0]["bypass_saving"] is None
     assert rows[0]["realized_saving_raw"] == 0.755 and "inflated" in rows[0]["bound_violation"]
+    assert rows[0]["realized_over_theoretical"] is None and rows[0]["realized_over_theoretical_raw"] == 1.07
     assert e2e_step.check_bounds([_summary_row(32, 0.70, 0.71)], skip_saving=0.749, num_layers=8) == []
 
 
