@@ -142,9 +142,15 @@ class Flusher:
         self.scratch.fill_(self.value)
 
 
-def measure_cold(fns: dict[str, Callable[[], object]], flush: Flusher, calls: int) -> dict[str, float]:
-    """Median seconds of single calls, each right after a cache flush, interleaved over the functions."""
+def measure_cold(fns: dict[str, Callable[[], object]], flush: Flusher, calls: int, clock: str = "wall"
+                 ) -> dict[str, float]:
+    """Median seconds of single calls, each right after a cache flush, interleaved over the functions.
+
+    On CPU ``clock="process"`` times each call by this process's CPU time (with one thread, what the call used of
+    the core, leaving out the time other jobs held it); on CUDA the calls are timed with events.
+    """
     cuda = flush.device == "cuda"
+    now = time.process_time if clock == "process" else time.perf_counter
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(calls):
         events = []
@@ -157,9 +163,9 @@ def measure_cold(fns: dict[str, Callable[[], object]], flush: Flusher, calls: in
                 end.record()
                 events.append((name, start, end))
             else:
-                t0 = time.perf_counter()
+                t0 = now()
                 fn()
-                samples[name].append(time.perf_counter() - t0)
+                samples[name].append(now() - t0)
         if cuda:
             torch.cuda.synchronize()
             for name, start, end in events:
@@ -182,7 +188,7 @@ def load_deepspeed(device: str) -> tuple[object | None, str | None]:
 
 
 def bench_tokens(shape: tuple[int, int, int], keep: int, dtype: torch.dtype, device: str, ds, block_time: float,
-                 rounds: int, ours: bool, flush: Flusher | None, cold_calls: int) -> list[Row]:
+                 rounds: int, ours: bool, flush: Flusher | None, cold_calls: int, clock: str = "wall") -> list[Row]:
     s, b, h = shape
     x = torch.randn(shape, device=device).to(dtype)
     out_idx = torch.empty(1, b, keep, dtype=torch.long, device=device)
@@ -220,7 +226,7 @@ def bench_tokens(shape: tuple[int, int, int], keep: int, dtype: torch.dtype, dev
     rows = []
     for op, fns, nbytes in (("gather", gather, gather_bytes), ("scatter", scatter, scatter_bytes)):
         timings = measure_group(fns, block_time, rounds)
-        cold = measure_cold(fns, flush, cold_calls) if flush is not None else {}
+        cold = measure_cold(fns, flush, cold_calls, clock) if flush is not None else {}
         clone_t, clone_cold = timings["clone"].best, cold.get("clone")
         for name, t in timings.items():
             c = cold.get(name)
@@ -333,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--thp", action="store_true",
                         help="CPU: back large tensors with transparent huge pages (torch's THP_MEM_ALLOC_ENABLE=1; "
                              "needs THP 'madvise' or 'always')")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="CPU cold timings: wall clock, or this process's CPU time (use with --threads 1 on a "
+                             "machine shared with other jobs)")
     parser.add_argument("--cases", default=None,
                         help="token cases instead of the default set, e.g. '2048x8x2048:128,32768x1x1024:4096'")
     args = parser.parse_args(argv)
@@ -343,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
+    if device == "cuda" and args.clock == "process":
+        parser.error("--clock process is for CPU runs; CUDA calls are timed with events")
     out_path = args.out or ROOT / "benchmarks" / "results" / f"ops_{device}.json"
 
     status = _extension.load()
@@ -383,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     started = time.time()
     for shape, keep in token_cases:
-        rows += bench_tokens(shape, keep, torch.bfloat16, device, ds, block_time, rounds, ours, flush, cold_calls)
+        rows += bench_tokens(shape, keep, torch.bfloat16, device, ds, block_time, rounds, ours, flush, cold_calls,
+                             args.clock)
         print(f"  done {shape} keep {keep}", flush=True)
     for case in sampler_cases:
         rows += bench_sampler(*case, device, ds, block_time, rounds, ours)
@@ -394,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nrandom_ltd token ops on {env['device']} (torch {torch.__version__}, bf16, {time.time() - started:.0f}s; "
           f"flush {flush_bytes / 2**20:.0f} MiB, last-level cache {llc / 2**20:.0f} MiB, THP "
           f"{env['transparent_hugepages']})")
-    print("hot: fastest of the interleaved blocks (median beside it); cold: median of single calls after a flush")
+    print("hot: fastest of the interleaved blocks (median beside it); cold: median of single calls after a flush "
+          f"({args.clock if device == 'cpu' else 'cuda events'} clock)")
     print(f"{'op':8} {'shape':>18} {'keep':>5} {'backend':>17} {'hot us':>9} {'median':>9} {'GB/s':>7} "
           f"{'x clone':>7} {'cold us':>9} {'GB/s':>7} {'x clone':>7}")
     for r in rows:
@@ -413,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": "bfloat16",
         "quick": args.quick,
         "dry_run": args.dry_run,
+        "cold_clock": args.clock if device == "cpu" else "cuda events",
         "extension": {"loaded": status.loaded, "has_cuda": status.has_cuda, "source": status.source},
         "deepspeed": ds is not None,
         "deepspeed_reason": ds_reason,

@@ -80,7 +80,9 @@ def e2e_table(path: Path, d: dict[str, Any]) -> str:
 def ops_table(path: Path, d: dict[str, Any]) -> str:
     """Gather/scatter bandwidth per backend, hot and cold, as a fraction of clone; then the per-call overhead."""
     lines = [f"token ops, bf16, on {d['device']} (torch {d['torch']}; cold = after flushing "
-             f"{d.get('flush_bytes', 0) / 2**20:.0f} MiB; THP {d.get('transparent_hugepages')}; `{path}`)", "",
+             f"{d.get('flush_bytes', 0) / 2**20:.0f} MiB, {d.get('cold_clock', 'wall')} clock; THP "
+             f"{d.get('transparent_hugepages')}, torch THP_MEM_ALLOC_ENABLE={d.get('thp_mem_alloc_enable')}; "
+             f"`{path}`)", "",
              "| op | shape [s,b,h] | keep | backend | hot GB/s | hot x clone | cold GB/s | cold x clone |",
              "|---|---|---|---|---|---|---|---|"]
     for r in d["results"]:
