@@ -108,24 +108,34 @@ def last_level_cache_bytes(device: str) -> int:
     return best or 32 * 2**20
 
 
-def measure_group(fns: dict[str, Callable[[], object]], block_time: float, rounds: int) -> dict[str, Timing]:
+def measure_group(fns: dict[str, Callable[[], object]], block_time: float, rounds: int, clock: str = "wall"
+                  ) -> dict[str, Timing]:
     """Per-call seconds of each function, hot: interleaved blocks of back-to-back calls (round-robin).
 
     Interleaving spreads interference from other processes over all backends alike; the fastest block is the least
     disturbed estimate (timeit's advice), the median is kept beside it. torch's Timer synchronises CUDA around
-    each block.
+    each block. ``clock="process"`` (CPU) times each block by this process's CPU time instead of the wall clock.
     """
-    timers, numbers = {}, {}
+    def block(fn: Callable[[], object], n: int) -> float:
+        if clock == "process":
+            t0 = time.process_time()
+            for _ in range(n):
+                fn()
+            return (time.process_time() - t0) / n
+        return timers[fn].timeit(n).median
+
+    timers: dict[Callable[[], object], Timer] = {}
+    numbers = {}
     for name, fn in fns.items():
         for _ in range(3):  # warm-up: allocator, caches, lazy CUDA init
             fn()
-        timers[name] = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-        once = timers[name].timeit(1).median
+        timers[fn] = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        once = block(fn, 1)
         numbers[name] = max(1, int(block_time / max(once, 1e-7)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
-        for name in fns:
-            samples[name].append(timers[name].timeit(numbers[name]).median)
+        for name, fn in fns.items():
+            samples[name].append(block(fn, numbers[name]))
     return {name: Timing(min(v), statistics.median(v)) for name, v in samples.items()}
 
 
@@ -225,7 +235,7 @@ def bench_tokens(shape: tuple[int, int, int], keep: int, dtype: torch.dtype, dev
 
     rows = []
     for op, fns, nbytes in (("gather", gather, gather_bytes), ("scatter", scatter, scatter_bytes)):
-        timings = measure_group(fns, block_time, rounds)
+        timings = measure_group(fns, block_time, rounds, clock)
         cold = measure_cold(fns, flush, cold_calls, clock) if flush is not None else {}
         clone_t, clone_cold = timings["clone"].best, cold.get("clone")
         for name, t in timings.items():
@@ -237,7 +247,7 @@ def bench_tokens(shape: tuple[int, int, int], keep: int, dtype: torch.dtype, dev
 
 
 def bench_sampler(layers: int, b: int, s: int, keep: int, device: str, ds, block_time: float, rounds: int,
-                  ours: bool) -> list[Row]:
+                  ours: bool, clock: str = "wall") -> list[Row]:
     out = torch.empty(layers, b, keep, dtype=torch.long, device=device)
     fns: dict[str, Callable[[], object]] = {
         "torch(reference)": lambda: ref.sample_sorted_indices(layers, b, s, keep, seed=3, step=1, device=device),
@@ -252,12 +262,12 @@ def bench_sampler(layers: int, b: int, s: int, keep: int, device: str, ds, block
             return ds.token_sort_(idx, s)
 
         fns["deepspeed"] = deepspeed_sample
-    timings = measure_group(fns, block_time, rounds)
+    timings = measure_group(fns, block_time, rounds, clock)
     return [Row("sample", [layers, b, s], keep, name, t.best * 1e6, t.median * 1e6, None, None)
             for name, t in timings.items()]
 
 
-def bench_overhead(device: str, ours: bool, block_time: float, rounds: int) -> list[Overhead]:
+def bench_overhead(device: str, ours: bool, block_time: float, rounds: int, clock: str = "wall") -> list[Overhead]:
     """Per-call time of each public op against the raw registered op, at ``[s, b, h] = [16, 2, 64]``, keep 8."""
     from random_ltd.ops import (
         gather_positions,
@@ -306,7 +316,7 @@ def bench_overhead(device: str, ours: bool, block_time: float, rounds: int) -> l
         fns[f"p{i}"] = public
         if raw_fn is not None:
             fns[f"r{i}"] = raw_fn
-    timings = measure_group(fns, block_time, rounds)
+    timings = measure_group(fns, block_time, rounds, clock)
     rows = []
     for i, (op, public_name, _, raw_name, raw_fn) in enumerate(cases):
         p_us = timings[f"p{i}"].best * 1e6
@@ -340,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU: back large tensors with transparent huge pages (torch's THP_MEM_ALLOC_ENABLE=1; "
                              "needs THP 'madvise' or 'always')")
     parser.add_argument("--clock", choices=["wall", "process"], default="wall",
-                        help="CPU cold timings: wall clock, or this process's CPU time (use with --threads 1 on a "
-                             "machine shared with other jobs)")
+                        help="CPU timings (hot blocks and cold calls): wall clock, or this process's CPU time (use "
+                             "with --threads 1 on a machine shared with other jobs)")
     parser.add_argument("--cases", default=None,
                         help="token cases instead of the default set, e.g. '2048x8x2048:128,32768x1x1024:4096'")
     args = parser.parse_args(argv)
@@ -398,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
                              args.clock)
         print(f"  done {shape} keep {keep}", flush=True)
     for case in sampler_cases:
-        rows += bench_sampler(*case, device, ds, block_time, rounds, ours)
-    overhead = bench_overhead(device, ours, max(block_time, 0.005), max(rounds, 3))
+        rows += bench_sampler(*case, device, ds, block_time, rounds, ours, args.clock)
+    overhead = bench_overhead(device, ours, max(block_time, 0.005), max(rounds, 3), args.clock)
     del flush
 
     env = environment(device)
@@ -407,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
           f"flush {flush_bytes / 2**20:.0f} MiB, last-level cache {llc / 2**20:.0f} MiB, THP "
           f"{env['transparent_hugepages']})")
     print("hot: fastest of the interleaved blocks (median beside it); cold: median of single calls after a flush "
-          f"({args.clock if device == 'cpu' else 'cuda events'} clock)")
+          f"({args.clock if device == 'cpu' else 'wall / cuda events'} clock)")
     print(f"{'op':8} {'shape':>18} {'keep':>5} {'backend':>17} {'hot us':>9} {'median':>9} {'GB/s':>7} "
           f"{'x clone':>7} {'cold us':>9} {'GB/s':>7} {'x clone':>7}")
     for r in rows:
@@ -426,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": "bfloat16",
         "quick": args.quick,
         "dry_run": args.dry_run,
+        "clock": args.clock if device == "cpu" else "wall (torch Timer) hot, cuda events cold",
         "cold_clock": args.clock if device == "cpu" else "cuda events",
         "extension": {"loaded": status.loaded, "has_cuda": status.has_cuda, "source": status.source},
         "deepspeed": ds is not None,
