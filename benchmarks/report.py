@@ -138,6 +138,9 @@ def suite_table(d: dict[str, Any]) -> str:
         t = d["test_cuda"]
         lines.append(f"\ntests/ops/test_cuda.py: {t['tests']} tests, {t['failures']} failed, {t['errors']} errors, "
                      f"{t['skipped']} skipped")
+        if t["tests"] and t["skipped"] == t["tests"]:
+            lines.append("WARNING: every CUDA test skipped: no CUDA kernel ran (no GPU, or no CUDA extension; see the "
+                         "build and info steps in suite.log)")
     return "\n".join(lines)
 
 
