@@ -34,7 +34,7 @@ from test_deepspeed_launcher import launch_env, launcher  # noqa: E402
 
 RUNNER = HERE / "fault_runner.py"
 SCRIPT = ROOT / "launch" / "pretrain_gpt.py"
-TIMEOUT = 240  # seconds per launch; one takes ~20 s
+TIMEOUT = 150  # seconds per launch; one takes ~20 s on an idle 2-core machine
 TINY = ["--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "32", "--micro-batch-size", "2",
         "--global-batch-size", "4", "--eval-interval", "2", "--eval-iters", "1", "--no-progress"]
 
@@ -76,10 +76,10 @@ def run(tmp_path: Path, name: str, *args: str, kill_at: str | None = None) -> tu
     try:
         rc = proc.wait(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        kill_group(proc)
-        proc.wait()
         pytest.fail(f"launch {name} timed out:\n{log.read_text()[-4000:]}")
-    kill_group(proc)  # nothing may outlive the launcher
+    finally:
+        kill_group(proc)  # nothing may outlive the launcher (also on a pytest-timeout)
+        proc.wait()
     out = tmp_path / f"{name}.json"
     return rc, log.read_text(), json.loads(out.read_text()) if out.exists() else None
 
@@ -94,6 +94,7 @@ def tags(ckpt: Path) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(4 * TIMEOUT + 60)
 def test_kill_mid_save_and_mid_step_then_resume_exactly(tmp_path) -> None:
     rc, log, ref = run(tmp_path, "ref", "--train-iters", "6")
     assert rc == 0 and ref is not None, log[-4000:]
@@ -129,12 +130,13 @@ def test_kill_mid_save_and_mid_step_then_resume_exactly(tmp_path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 120)
 def test_killing_the_launcher_ends_the_ranks(tmp_path) -> None:
     ckpt = tmp_path / "ckpt"
     proc, log = start(tmp_path, "orphans", ["--train-iters", "1000000", "--eval-interval", "1000000",
                                             "--save", str(ckpt), "--save-interval", "2"])
     try:
-        deadline = time.monotonic() + TIMEOUT
+        deadline = time.monotonic() + TIMEOUT - 30
         while not (ckpt / "latest").exists():  # the ranks are training (and checkpointing)
             assert proc.poll() is None, f"launcher exited early:\n{log.read_text()[-4000:]}"
             assert time.monotonic() < deadline, f"no checkpoint written:\n{log.read_text()[-4000:]}"
@@ -153,18 +155,23 @@ def test_killing_the_launcher_ends_the_ranks(tmp_path) -> None:
 
 def test_guard_ends_a_process_whose_parent_dies(tmp_path) -> None:
     """PR_SET_PDEATHSIG / watchdog with a plain parent (forced on with RANDOM_LTD_EXIT_WITH_LAUNCHER=1)."""
-    child = ("import sys, time; sys.path.insert(0, sys.argv[1]);"
+    armed = tmp_path / "armed"
+    child = ("import os, sys, time; sys.path.insert(0, sys.argv[1]);"
              "from random_ltd.integrations.deepspeed.launcher_guard import exit_with_launcher;"
-             "print(exit_with_launcher(poll_s=0.1), flush=True); time.sleep(600)")
+             "tmp = sys.argv[2] + '.tmp'; f = open(tmp, 'w'); f.write(repr(exit_with_launcher(poll_s=0.1)));"
+             "f.close(); os.replace(tmp, sys.argv[2]); time.sleep(600)")
     parent = ("import subprocess, sys, time;"
-              "p = subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]]);"
+              "p = subprocess.Popen([sys.executable, '-c', *sys.argv[1:]]);"
               "print(p.pid, flush=True); time.sleep(600)")
     env = dict(os.environ, RANDOM_LTD_EXIT_WITH_LAUNCHER="1", OMP_NUM_THREADS="1")
-    middle = subprocess.Popen([sys.executable, "-c", parent, child, str(ROOT)], env=env, stdout=subprocess.PIPE,
-                              text=True, start_new_session=True)
+    middle = subprocess.Popen([sys.executable, "-c", parent, child, str(ROOT), str(armed)], env=env,
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         grandchild = psutil.Process(int(middle.stdout.readline()))
-        assert middle.stdout.readline().strip() == f"[{middle.pid}]"  # armed, watching its parent
+        deadline = time.monotonic() + 120
+        while not armed.exists() and grandchild.is_running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert armed.read_text() == f"[{middle.pid}]"  # armed, watching its parent
         middle.kill()
         middle.wait()
         _, alive = psutil.wait_procs([grandchild], timeout=60)
