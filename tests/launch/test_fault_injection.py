@@ -34,7 +34,7 @@ from test_deepspeed_launcher import launch_env, launcher  # noqa: E402
 
 RUNNER = HERE / "fault_runner.py"
 SCRIPT = ROOT / "launch" / "pretrain_gpt.py"
-TIMEOUT = 150  # seconds per launch; one takes ~20 s on an idle 2-core machine
+TIMEOUT = 300  # seconds per launch (a hang fails); one takes ~20 s on an idle 2-core machine
 TINY = ["--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "32", "--micro-batch-size", "2",
         "--global-batch-size", "4", "--eval-interval", "2", "--eval-iters", "1", "--no-progress"]
 
