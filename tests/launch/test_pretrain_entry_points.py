@@ -86,3 +86,15 @@ def test_load_without_a_checkpoint_is_an_error(tmp_path):
     err = _refused(tmp_path, "--save", str(empty))
     assert "already holds checkpoints" in err and f"--load {empty}" in err
     assert sorted(p.name for p in empty.iterdir()) == ["global_step1", "latest"]
+
+
+def test_random_ltd_resumes_from_a_baseline_checkpoint(tmp_path):
+    """The baseline's iteration LR scheduler state does not crash LayerToken LR (KeyError before); the schedule
+    continues at the checkpoint's step with the layer-tokens the baseline really consumed."""
+    ckpt = str(tmp_path / "ckpt")
+    _run("pretrain_gpt.py", "tiny_gpt_cpu.json", tmp_path, "base", "--train-iters", "2", "--baseline", "--save", ckpt)
+    resumed = _run("pretrain_gpt.py", "tiny_gpt_cpu.json", tmp_path, "rltd", "--train-iters", "4", "--load", ckpt)
+    baseline_step, rltd_step = 2 * 32 * 8, 2 * (2 * 32 + 6 * 16)  # batch 2: 8 full layers; 2 full + 6 keeping 16
+    assert resumed["steps"] == 4
+    assert resumed["consumed_layer_tokens"] == 2 * baseline_step + 2 * rltd_step
+    assert resumed["final_val_loss"] == resumed["final_val_loss"]  # not NaN
