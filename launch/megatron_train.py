@@ -46,7 +46,10 @@ def add_common_args(p: argparse.ArgumentParser, *, num_layers: int, hidden: int,
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--save", default=None, help="checkpoint directory")
     p.add_argument("--save-interval", type=int, default=None, help="also save every N steps")
-    p.add_argument("--load", default=None, help="checkpoint directory to resume from")
+    p.add_argument("--load", default=None,
+                   help="checkpoint directory to resume from (its 'latest' tag); a missing checkpoint is an error")
+    p.add_argument("--allow-fresh-start", action="store_true",
+                   help="with --load: start from step 0 when the directory holds no checkpoint yet (no 'latest')")
     p.add_argument("--results", default=None, help="JSON file for rank 0's results")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
@@ -57,6 +60,37 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if args.data_path is not None and args.vocab_size is None:
         raise SystemExit("--data-path needs --vocab-size (the tokenizer's vocabulary size)")
+    check_checkpoint_args(args)
+
+
+def check_checkpoint_args(args: argparse.Namespace) -> None:
+    """Refuse, before anything is built, a run that would silently restart or overwrite checkpoints.
+
+    ``--load DIR`` without a checkpoint there is an error unless ``--allow-fresh-start``; a ``latest`` naming a
+    missing tag is always an error; a fresh start whose ``--save`` directory already holds checkpoints is an error
+    (resume with ``--load`` instead, or choose another directory).
+    """
+    from random_ltd.integrations.deepspeed.checkpoint import CheckpointNotFoundError, read_latest, resolve_load_tag
+
+    fresh = True
+    if args.load:
+        try:
+            tag = resolve_load_tag(args.load)
+        except CheckpointNotFoundError as e:
+            raise SystemExit(f"--load {args.load}: {e}") from None
+        if tag is None and not args.allow_fresh_start:
+            what = "does not exist" if not os.path.exists(args.load) else "has no 'latest' file"
+            raise SystemExit(f"--load {args.load}: no checkpoint to resume from (the directory {what}); pass "
+                             f"--allow-fresh-start to start from step 0")
+        fresh = tag is None
+    if args.save and fresh:
+        try:
+            existing = read_latest(args.save)
+        except CheckpointNotFoundError:
+            existing = ""
+        if existing is not None:
+            raise SystemExit(f"--save {args.save} already holds checkpoints (latest: {existing!r}) and this run "
+                             f"starts from step 0; resume with --load {args.save}, or choose another --save")
 
 
 def deepspeed_config(args: argparse.Namespace) -> dict:
@@ -97,6 +131,9 @@ def init_parallel(args: argparse.Namespace) -> None:
     from megatron.core import parallel_state, tensor_parallel
 
     import random_ltd.integrations.megatron  # noqa: F401 - applies the CPU shim when CUDA is absent
+    from random_ltd.integrations.deepspeed.launcher_guard import exit_with_launcher
+
+    exit_with_launcher()  # no orphaned ranks training on when the deepspeed launcher is killed
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
@@ -153,8 +190,14 @@ def train(args: argparse.Namespace, engine: Any, batch_loss: Callable[[Any, int,
 
     from random_ltd.integrations.megatron import allreduce_sequence_parallel_grads
 
+    last_saved = None  # the step of the newest tag in --save (never saved twice: tags are not rewritten)
     if args.load:
-        engine.load_checkpoint(args.load)
+        path, _ = engine.load_checkpoint(args.load)
+        if path is None and not args.allow_fresh_start:
+            raise SystemExit(f"--load {args.load}: no checkpoint to resume from; pass --allow-fresh-start to start "
+                             f"from step 0")
+        if path is not None and args.save and os.path.realpath(args.save) == os.path.realpath(args.load):
+            last_saved = engine.random_ltd_schedule.step
     rank = engine.global_rank
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
@@ -194,6 +237,7 @@ def train(args: argparse.Namespace, engine: Any, batch_loss: Callable[[Any, int,
             bar.set_postfix(loss=f"{loss.item():.3f}", saved=f"{100 * sched.saved_fraction:.1f}%")
         if args.save and args.save_interval and step % args.save_interval == 0:
             engine.save_checkpoint(args.save)
+            last_saved = step
         if step % args.eval_interval == 0 or step == train_iters:
             val = evaluate()
             curve.append({"step": step, "layer_tokens": sched.consumed_layer_tokens, "val_loss": val,
@@ -206,7 +250,7 @@ def train(args: argparse.Namespace, engine: Any, batch_loss: Callable[[Any, int,
     wall = time.perf_counter() - start
     if bar is not None:
         bar.close()
-    if args.save:
+    if args.save and last_saved != step:
         engine.save_checkpoint(args.save)
     if not curve or curve[-1]["step"] != step:
         curve.append({"step": step, "layer_tokens": sched.consumed_layer_tokens, "val_loss": evaluate(),

@@ -12,6 +12,9 @@ with megatron's tensor-parallel groups handed to DeepSpeed as ``mpu``. Run it wi
 Data: ``--data-path`` (a Megatron indexed dataset, with ``--vocab-size``) or the embedded corpus (bytes, written
 once in Megatron's indexed format). Rank 0 writes a JSON result (validation curve against consumed layer-tokens,
 savings, wall time) to ``--results``; ``--save``/``--load`` checkpoint and resume (random-LTD state included).
+Checkpoints are crash-safe: a tag is never rewritten, ``latest`` names only tags every rank finished, ``--load``
+of a directory without a checkpoint is an error (``--allow-fresh-start`` permits starting at step 0), and the ranks
+end when the ``deepspeed`` launcher dies.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ TINY = ["--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "32
         "--global-batch-size", "2", "--eval-interval", "2", "--eval-iters", "1", "--no-progress"]
 
 
-def _run(script: str, config: str, tmp_path: Path, name: str, *extra: str) -> dict:
+def _start(script: str, config: str, tmp_path: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -27,9 +27,13 @@ def _run(script: str, config: str, tmp_path: Path, name: str, *extra: str) -> di
     out = tmp_path / f"{name}.json"
     cmd = [sys.executable, str(ROOT / "launch" / script), "--deepspeed_config", str(ROOT / "configs" / config),
            *TINY, "--results", str(out), *extra]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+
+def _run(script: str, config: str, tmp_path: Path, name: str, *extra: str) -> dict:
+    proc = _start(script, config, tmp_path, name, *extra)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(out.read_text())
+    return json.loads((tmp_path / f"{name}.json").read_text())
 
 
 def test_gpt_random_ltd_baseline_and_resume(tmp_path):
@@ -51,3 +55,46 @@ def test_bert_runs_with_padding(tmp_path):
     res = _run("pretrain_bert.py", "tiny_bert_cpu.json", tmp_path, "bert", "--train-iters", "2")
     assert res["steps"] == 2 and res["saved_percent"] > 30
     assert res["final_val_loss"] == res["final_val_loss"]  # not NaN
+
+
+def _refused(tmp_path: Path, *extra: str) -> str:
+    proc = _start("pretrain_gpt.py", "tiny_gpt_cpu.json", tmp_path, "refused", "--train-iters", "1", *extra)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert not (tmp_path / "refused.json").exists()  # refused before training
+    return proc.stderr
+
+
+def test_load_without_a_checkpoint_is_an_error(tmp_path):
+    missing, empty = tmp_path / "missing", tmp_path / "empty"
+    empty.mkdir()
+    for where in (missing, empty):
+        err = _refused(tmp_path, "--load", str(where), "--save", str(where))
+        assert f"--load {where}: no checkpoint to resume from" in err and "--allow-fresh-start" in err
+    assert not missing.exists() and list(empty.iterdir()) == []
+
+    dangling = tmp_path / "dangling"
+    dangling.mkdir()
+    (dangling / "latest").write_text("global_step9")
+    err = _refused(tmp_path, "--load", str(dangling), "--allow-fresh-start")
+    assert "'global_step9'" in err and "does not exist" in err and "AssertionError" not in err
+
+    fresh = _run("pretrain_gpt.py", "tiny_gpt_cpu.json", tmp_path, "fresh", "--train-iters", "1", "--load",
+                 str(empty), "--save", str(empty), "--allow-fresh-start")
+    assert fresh["steps"] == 1 and (empty / "latest").read_text() == "global_step1"
+
+    # a fresh run into a directory that already holds checkpoints would overwrite them: refused
+    err = _refused(tmp_path, "--save", str(empty))
+    assert "already holds checkpoints" in err and f"--load {empty}" in err
+    assert sorted(p.name for p in empty.iterdir()) == ["global_step1", "latest"]
+
+
+def test_random_ltd_resumes_from_a_baseline_checkpoint(tmp_path):
+    """The baseline's iteration LR scheduler state does not crash LayerToken LR (KeyError before); the schedule
+    continues at the checkpoint's step with the layer-tokens the baseline really consumed."""
+    ckpt = str(tmp_path / "ckpt")
+    _run("pretrain_gpt.py", "tiny_gpt_cpu.json", tmp_path, "base", "--train-iters", "2", "--baseline", "--save", ckpt)
+    resumed = _run("pretrain_gpt.py", "tiny_gpt_cpu.json", tmp_path, "rltd", "--train-iters", "4", "--load", ckpt)
+    baseline_step, rltd_step = 2 * 32 * 8, 2 * (2 * 32 + 6 * 16)  # batch 2: 8 full layers; 2 full + 6 keeping 16
+    assert resumed["steps"] == 4
+    assert resumed["consumed_layer_tokens"] == 2 * baseline_step + 2 * rltd_step
+    assert resumed["final_val_loss"] == resumed["final_val_loss"]  # not NaN

@@ -6,7 +6,8 @@ What it adds to the engine DeepSpeed returns (the engine stays a ``DeepSpeedEngi
 - LayerToken LR as the engine's ``lr_scheduler`` when the config asks for it (no lag: step t's LR uses the
   layer-tokens consumed before step t);
 - all random-LTD state in DeepSpeed checkpoints (client state ``"random_ltd_state"``: DeepSpeed reserves
-  ``"random_ltd"`` for its own scheduler and drops that key from the client state it loads);
+  ``"random_ltd"`` for its own scheduler and drops that key from the client state it loads), saved crash-safe
+  (never rewriting a tag, ``latest`` written last; see ``checkpoint.py``) and loaded with clear errors;
 - metrics through the engine's monitor (W&B, TensorBoard, CSV blocks of the DeepSpeed config).
 
 DeepSpeed's own random-LTD is switched off in the config DeepSpeed sees, so the two never both run.
@@ -30,6 +31,7 @@ from random_ltd.config import (
     layer_token_lr_config_from_deepspeed,
     load_deepspeed_config,
 )
+from random_ltd.integrations.deepspeed.checkpoint import atomic_save, rebuild_schedule_state, resolve_load_tag
 from random_ltd.layers import RandomLTDState, convert_to_random_ltd
 from random_ltd.layers.convert import LayerSpec, find_layers
 from random_ltd.monitor import RandomLTDMonitor, wandb_credentials_configured
@@ -115,23 +117,81 @@ class RandomLTDEngineMixin:
 
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True,
                         exclude_frozen_parameters=False):
+        """DeepSpeed's ``save_checkpoint`` plus the random-LTD state, crash-safe (see ``checkpoint.atomic_save``).
+
+        Unlike DeepSpeed: an existing ``<save_dir>/<tag>`` is never rewritten (FileExistsError), and ``latest`` is
+        replaced atomically only after every rank has written its shards.
+        """
         client_state = dict(client_state or {})
         client_state[CLIENT_STATE_KEY] = {"schedule": self.random_ltd_schedule.state_dict(),
                                             "state": self.random_ltd_state.state_dict()}
-        return super().save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=save_latest,
-                                       exclude_frozen_parameters=exclude_frozen_parameters)
+        return atomic_save(self, super().save_checkpoint, save_dir, tag, client_state, save_latest,
+                           exclude_frozen_parameters)
 
-    def load_checkpoint(self, *args, **kwargs):
-        path, client_state = super().load_checkpoint(*args, **kwargs)
-        saved = (client_state or {}).pop(CLIENT_STATE_KEY, None)
+    def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
+                        load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
+        """DeepSpeed's ``load_checkpoint`` plus the random-LTD state; same arguments and return value.
+
+        Differences from DeepSpeed, so that nothing resumes silently wrong:
+
+        - an explicit ``tag``, or the tag ``latest`` names, that does not exist raises ``CheckpointNotFoundError``
+          (a FileNotFoundError naming the path) instead of a bare AssertionError. No ``latest`` file at all (or no
+          ``load_dir``) still returns ``(None, None)`` like DeepSpeed, with a warning: callers that require a
+          checkpoint must check ``load_path``;
+        - a checkpoint without random-LTD state (written by plain DeepSpeed) does not restart the schedule at step
+          0 while the weights continue: the schedule counters are rebuilt from the engine's global step and batch
+          size (a warning says so);
+        - LayerToken LR loads from a checkpoint whose LR state is not LayerToken LR's (a ``--baseline`` run's
+          iteration scheduler, or none): its LR is a function of the consumed layer-tokens, so it is rebuilt from
+          them (a warning says so).
+        """
+        if not self.load_universal_checkpoint():
+            tag = resolve_load_tag(load_dir, tag)
+            if tag is None:
+                logger.warning("random-LTD: no checkpoint loaded: %s has no 'latest' file", load_dir)
+                return None, None
+        own_lr = (isinstance(self.lr_scheduler, LayerTokenLR) and load_lr_scheduler_states
+                  and not load_module_only)
+        path, client_state = super().load_checkpoint(
+            load_dir, tag=tag, load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
+            load_lr_scheduler_states=load_lr_scheduler_states and not own_lr, load_module_only=load_module_only,
+            custom_load_fn=custom_load_fn)
+        if path is None:
+            return path, client_state
+        client_state = client_state or {}
+        lr_state = client_state.pop("lr_scheduler", None) if own_lr else None
+        saved = client_state.pop(CLIENT_STATE_KEY, None)
+        if load_module_only:
+            logger.info("random-LTD: load_module_only: weights from %s, the random-LTD schedule starts at step 0",
+                        path)
+            return path, client_state
         if saved is not None:
             self.random_ltd_schedule.load_state_dict(saved["schedule"])
             self.random_ltd_state.load_state_dict(saved["state"])
-            self._random_ltd_advance()
-        elif path is not None:
-            logger.warning("random-LTD: checkpoint %s holds no random-LTD state; the schedule restarts at step 0",
-                           path)
+        else:
+            rebuild_schedule_state(self.random_ltd_schedule, self.global_steps, self.train_batch_size())
+            logger.warning("random-LTD: checkpoint %s holds no random-LTD state; the schedule was rebuilt from the "
+                           "engine's global step %d and batch size %d (kept length %d, %d layer-tokens consumed)",
+                           path, self.global_steps, self.train_batch_size(),
+                           self.random_ltd_schedule.current_kept_length,
+                           self.random_ltd_schedule.consumed_layer_tokens)
+        self._random_ltd_advance()
+        if own_lr:
+            self._random_ltd_load_lr(lr_state, path)
         return path, client_state
+
+    def _random_ltd_load_lr(self, lr_state: Any, path: str) -> None:
+        lr = self.lr_scheduler
+        if isinstance(lr_state, dict) and "consumed_layer_tokens" in lr_state:
+            lr.load_state_dict(lr_state)
+            return
+        steps = self.global_steps - self.skipped_steps
+        lr.load_state_dict({"consumed_layer_tokens": self.random_ltd_schedule.consumed_layer_tokens,
+                            "last_epoch": steps, "_step_count": steps + 1})
+        kind = "no LR scheduler state" if lr_state is None else "another LR scheduler's state"
+        logger.warning("random-LTD: checkpoint %s holds %s; LayerToken LR was rebuilt from the %d layer-tokens "
+                       "consumed (lr %s)", path, kind, self.random_ltd_schedule.consumed_layer_tokens,
+                       lr.get_last_lr())
 
     def random_ltd_summary(self) -> str:
         """One line: steps, kept length, layer-tokens consumed vs baseline, saving, throughput."""
