@@ -197,6 +197,47 @@ at::Tensor scatter_tokens(const at::Tensor& x, const at::Tensor& y, const at::Te
   return out;
 }
 
+at::Tensor gather_tokens_backward(const at::Tensor& grad, const at::Tensor& indices, int64_t seq_len, bool batch_first) {
+  const int64_t b = indices.size(0), k = indices.size(1), h = grad.size(2);
+  at::Tensor out = batch_first ? at::empty({b, seq_len, h}, grad.options()) : at::empty({seq_len, b, h}, grad.options());
+  check_index_values(indices, seq_len, "gather_tokens_backward");
+  if (out.numel() == 0) return out;
+
+  // As scatter_tokens, with zero rows in place of x's: one pass writes every output row once (|x| bytes written,
+  // |grad| read), where zeros-then-scatter writes |x| + |grad| and reads |grad| in two passes.
+  const Layout lay{b, batch_first};
+  std::vector<int64_t> grad_row_of(static_cast<size_t>(b * seq_len), -1);
+  const int64_t* idx = indices.const_data_ptr<int64_t>();
+  for (int64_t bi = 0; bi < b; ++bi) {
+    for (int64_t j = 0; j < k; ++j) grad_row_of[lay.row(bi, idx[bi * k + j], seq_len)] = lay.row(bi, j, k);
+  }
+  const int64_t row_bytes = h * static_cast<int64_t>(grad.element_size());
+  const char* gs = static_cast<const char*>(grad.const_data_ptr());
+  char* dst = static_cast<char*>(out.mutable_data_ptr());
+  at::parallel_for(0, b * seq_len, grain_for(row_bytes), [&](int64_t begin, int64_t end) {
+    RunCopier copy(row_bytes);
+    int64_t zeros_from = -1;  // start of the current run of zero rows
+    auto flush_zeros = [&](int64_t r) {
+      if (zeros_from >= 0) std::memset(dst + zeros_from * row_bytes, 0, static_cast<size_t>((r - zeros_from) * row_bytes));
+      zeros_from = -1;
+    };
+    for (int64_t r = begin; r < end; ++r) {
+      if (r + kPrefetchRows < end && grad_row_of[r + kPrefetchRows] >= 0) {
+        prefetch_row(gs + grad_row_of[r + kPrefetchRows] * row_bytes, row_bytes);
+      }
+      const int64_t gr = grad_row_of[r];
+      if (gr < 0) {
+        if (zeros_from < 0) zeros_from = r;
+        continue;
+      }
+      flush_zeros(r);
+      copy.add(dst + r * row_bytes, gs + gr * row_bytes);
+    }
+    flush_zeros(end);
+  });
+  return out;
+}
+
 void sample_sorted_indices_(const at::Tensor& out, int64_t seq_len, uint64_t seed, uint64_t step, uint32_t micro_batch,
                             uint32_t layer_offset) {
   const int64_t num_layers = out.size(0), batch = out.size(1), keep = out.size(2);
