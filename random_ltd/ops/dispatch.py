@@ -144,14 +144,15 @@ class _ExtensionBackend(Backend):
         return reasons
 
     def gather(self, x, indices, batch_first):
-        return torch.ops.random_ltd.gather_tokens(x.contiguous(), indices.contiguous(), batch_first)
+        return torch.ops.random_ltd.gather_tokens.default(x.contiguous(), indices.contiguous(), batch_first)
 
     def scatter(self, x, y, indices, batch_first):
-        return torch.ops.random_ltd.scatter_tokens(x.contiguous(), y.contiguous(), indices.contiguous(), batch_first)
+        return torch.ops.random_ltd.scatter_tokens.default(x.contiguous(), y.contiguous(), indices.contiguous(),
+                                                           batch_first)
 
     def gather_backward(self, grad, indices, seq_len, batch_first):
-        return torch.ops.random_ltd.gather_tokens_backward(grad.contiguous(), indices.contiguous(), seq_len,
-                                                           batch_first)
+        return torch.ops.random_ltd.gather_tokens_backward.default(grad.contiguous(), indices.contiguous(), seq_len,
+                                                                   batch_first)
 
     def sample_(self, out, seq_len, seed, step, micro_batch, layer_offset):
         torch.ops.random_ltd.sample_sorted_indices_(out, seq_len, seed, step, micro_batch, layer_offset)
