@@ -189,3 +189,44 @@ def test_backward_is_one_full_size_pass() -> None:
         assert len(log.full_size) <= at_most, log.full_size
         if fn is _unfused:
             assert len(log.full_size) > 1, log.full_size  # the test can tell the two apart
+
+
+def test_wrapped_layer_gradient_equals_unfused_ops() -> None:
+    """RandomLTDLayer (now on the fused pair): input and parameter gradients bitwise those of the unfused ops."""
+    import copy
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "layers"))
+    from tiny_models import Block, TinyGPT
+
+    from random_ltd.config import RandomLTDConfig
+    from random_ltd.layers import convert_to_random_ltd
+
+    torch.manual_seed(0)
+    model = TinyGPT(layers=4)
+    ref_layer = copy.deepcopy(model.layers[1])
+    config = RandomLTDConfig.model_validate({
+        "enabled": True, "total_layer_num": 4, "hidden_state_order": "batch_seq_dim",
+        "random_ltd_schedule": {"min_value": 4, "max_value": 32, "schedule_type": "fixed_linear",
+                                "schedule_config": {"require_steps": 10, "seq_per_step": 4}}})
+    state = convert_to_random_ltd(model, Block, config)
+    state.advance(0, {1: 5, 2: 5})
+    b, s = 3, 12
+    x = torch.randn(b, s, 16, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    mask = torch.ones(s, s, dtype=torch.bool).triu(1).expand(b, 1, s, s)
+    pos = torch.arange(s).expand(b, s)
+    state.begin_micro_batch()
+    out = model.layers[1](x, attention_mask=mask, position_ids=pos)
+    idx = state.indices(1, b, s, 5, x.device)
+    sub_mask = torch.ones(5, 5, dtype=torch.bool).triu(1).expand(b, 1, 5, 5)
+    kept = gather_tokens(x2, idx, batch_first=True)
+    expected = scatter_tokens(x2, ref_layer(kept, attention_mask=sub_mask, position_ids=idx), idx, batch_first=True)
+    assert torch.equal(out, expected)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    (out * g).sum().backward()
+    (expected * g).sum().backward()
+    assert torch.equal(x.grad, x2.grad)
+    for p, q in zip(model.layers[1].parameters(), ref_layer.parameters()):
+        assert torch.equal(p.grad, q.grad)
