@@ -8,6 +8,7 @@ into zeros, the backward of a scatter is a gather plus a zero-filled copy, each 
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from random_ltd.ops.dispatch import Backend, dtype_reasons, resolve_backend, select_backend
 
@@ -97,12 +98,15 @@ def _check_index_values(indices: torch.Tensor, seq_len: int, increasing: bool, w
 
     Eager: one host sync, then a ValueError naming the argument. Under ``torch.compile`` a data-dependent Python
     branch would break the graph, so the same condition becomes an in-graph assert (``torch._assert_async``: a
-    RuntimeError at run time on CPU, a device-side assert on CUDA). Meta tensors have no values to check.
+    RuntimeError at run time on CPU, a device-side assert on CUDA). Meta and fake tensors (FakeTensorMode outside
+    torch.compile) have no values to check.
     """
     if indices.numel() == 0 or indices.device.type == "meta":
         return
     compiling = torch.compiler.is_compiling()
-    if indices.device.type == "cpu" and not compiling:
+    if not compiling and is_fake(indices):
+        return
+    if indices.device.type == "cpu" and not compiling and type(indices) is torch.Tensor:
         # On a numpy view of the same memory: a handful of torch ops on small tensors costs tens of microseconds
         # in dispatch alone. Sorted rows are in range iff their first and last entries are.
         a = indices.numpy()

@@ -380,3 +380,27 @@ def test_cpu_backend_is_the_default_here() -> None:
     if CpuBackend().not_supported_reasons(torch.device("cpu")):
         pytest.skip("extension not built")
     assert select_backend("cpu").NAME == "cpu"
+
+
+def test_fake_tensor_mode() -> None:
+    """Shape propagation under FakeTensorMode (memory planners, tracing tools): no value check on fake data."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.randn(10, 2, 4)
+        idx = torch.tensor([[0, 3], [1, 9]])
+        g = gather_tokens(x, idx, batch_first=False)
+        assert g.shape == (2, 2, 4)
+        assert scatter_tokens(x, g, idx, batch_first=False).shape == x.shape
+
+
+def test_torch_compile_with_an_explicit_backend() -> None:
+    """backend= passed explicitly is checked outside the traced region too (no extension load under trace)."""
+    torch._dynamo.reset()
+    be = next(b for b in PRIORITY if not b.not_supported_reasons(torch.device("cpu")))
+    f = torch.compile(lambda x, i: gather_tokens(x, i, batch_first=False, backend=be), fullgraph=True,
+                      backend="aot_eager")
+    x = torch.randn(6, 2, 3, requires_grad=True)
+    idx = torch.tensor([[0, 4], [1, 5]])
+    f(x, idx).sum().backward()
+    assert torch.equal(x.grad, torch_scatter(torch.zeros(6, 2, 3), torch.ones(2, 2, 3), idx, False))
