@@ -230,3 +230,18 @@ def test_wrapped_layer_gradient_equals_unfused_ops() -> None:
     assert torch.equal(x.grad, x2.grad)
     for p, q in zip(model.layers[1].parameters(), ref_layer.parameters()):
         assert torch.equal(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+def test_fused_under_torch_compile(compile_backend: str) -> None:
+    torch._dynamo.reset()
+    x, idx = _setup(False, "cpu", b=2, s=7, k=3, h=3)
+    layer = _layer(3)
+    xr, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    compiled = torch.compile(lambda t: _fused(t, idx, layer, False, None), fullgraph=True, backend=compile_backend)
+    out = compiled(xr)
+    ref = _unfused(x2, idx, layer, False, None)
+    assert torch.equal(out, ref)
+    out.sum().backward()
+    ref.sum().backward()
+    assert torch.equal(xr.grad, x2.grad)
