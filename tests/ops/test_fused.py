@@ -245,3 +245,15 @@ def test_fused_under_torch_compile(compile_backend: str) -> None:
     out.sum().backward()
     ref.sum().backward()
     assert torch.equal(xr.grad, x2.grad)
+
+
+def test_fused_saves_only_indices(backend_device) -> None:
+    """No activation-sized tensor is kept for backward by the pair itself: only the int64 indices."""
+    backend, device = backend_device
+    x, idx = _setup(False, device, s=64, k=8, h=32)
+    xr = x.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kept, dropped = token_drop(xr, idx, batch_first=False, backend=backend)
+        token_combine(dropped, kept.detach() * 2)
+    assert saved and all(t.dtype == torch.int64 and t.shape == idx.shape for t in saved)
