@@ -2,7 +2,9 @@
 
 Every op validates its arguments before any kernel runs and raises ``ValueError``/``TypeError`` naming the argument
 and the expected form. Autograd saves only the indices (never an activation): the backward of a gather is a scatter
-into zeros, the backward of a scatter is a gather plus a zero-filled copy, each correct on its own.
+into zeros (one pass, ``gather_tokens_backward``), the backward of a scatter is a gather plus a copy with the kept rows
+zeroed, each correct on its own and differentiable again (double backward). The wrapped layers use the fused pair of
+random_ltd/ops/fused.py instead, whose backward writes the input gradient in one pass.
 """
 
 from __future__ import annotations
