@@ -117,6 +117,19 @@ void check_scatter_args(const at::Tensor& x, const at::Tensor& y, const at::Tens
               batch_first ? b : k, ", ", batch_first ? k : b, ", ", h, "], got ", y.sizes());
 }
 
+// gather_tokens_backward: grad [b,k,h] / [k,b,h], indices [b,k], seq_len >= k; the output has x's shape.
+void check_gather_backward_args(const at::Tensor& grad, const at::Tensor& indices, int64_t seq_len, bool batch_first,
+                                const char* op) {
+  check_tokens(grad, "grad", op);
+  check_indices(indices, grad, "grad", op);
+  const int64_t b = indices.size(0), k = indices.size(1);
+  const int64_t gb = grad.size(batch_first ? 0 : 1), gk = grad.size(batch_first ? 1 : 0);
+  TORCH_CHECK(gb == b && gk == k, op, ": grad must have shape ",
+              batch_first ? "[batch, keep, hidden] = [" : "[keep, batch, hidden] = [", batch_first ? b : k, ", ",
+              batch_first ? k : b, ", hidden], got ", grad.sizes(), " (indices ", indices.sizes(), ")");
+  TORCH_CHECK(seq_len >= k, op, ": seq_len must be >= keep ", k, ", got ", seq_len);
+}
+
 struct SamplerArgs {
   uint64_t seed, step;
   uint32_t micro_batch, layer_offset;
@@ -165,6 +178,12 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& indices, boo
 at::Tensor scatter_tokens_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& indices, bool batch_first) {
   check_scatter_args(x, y, indices, batch_first, "scatter_tokens");
   return cpu::scatter_tokens(x, y, indices, batch_first);
+}
+
+at::Tensor gather_tokens_backward_cpu(const at::Tensor& grad, const at::Tensor& indices, int64_t seq_len,
+                                      bool batch_first) {
+  check_gather_backward_args(grad, indices, seq_len, batch_first, "gather_tokens_backward");
+  return cpu::gather_tokens_backward(grad, indices, seq_len, batch_first);
 }
 
 void sample_sorted_indices_cpu(at::Tensor& out, int64_t seq_len, int64_t seed, int64_t step, int64_t micro_batch,
@@ -217,6 +236,23 @@ at::Tensor scatter_tokens_cuda(const at::Tensor& x, const at::Tensor& y, const a
   return out;
 }
 
+at::Tensor gather_tokens_backward_cuda(const at::Tensor& grad, const at::Tensor& indices, int64_t seq_len,
+                                       bool batch_first) {
+  constexpr const char* op = "gather_tokens_backward";
+  check_gather_backward_args(grad, indices, seq_len, batch_first, op);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t b = indices.size(0), k = indices.size(1), h = grad.size(2);
+  at::Tensor out = batch_first ? at::empty({b, seq_len, h}, grad.options()) : at::empty({seq_len, b, h}, grad.options());
+  // Row of out -> row of grad (or -1): b*seq_len int64 from the caching allocator, as scatter_tokens.
+  at::Tensor grad_rows = at::empty({b, seq_len}, grad.options().dtype(at::kLong));
+  check_launch(cuda::gather_tokens_backward(grad.const_data_ptr(), indices.const_data_ptr<int64_t>(),
+                                            out.mutable_data_ptr(), grad_rows.mutable_data_ptr<int64_t>(), b, seq_len,
+                                            k, h, copy_unit_bytes(grad, op, "grad"), batch_first,
+                                            c10::cuda::getCurrentCUDAStream().stream()),
+               op);
+  return out;
+}
+
 void sample_sorted_indices_cuda(at::Tensor& out, int64_t seq_len, int64_t seed, int64_t step, int64_t micro_batch,
                                 int64_t layer_offset) {
   const SamplerArgs a = check_sampler_args(out, seq_len, seed, step, micro_batch, layer_offset);
@@ -249,6 +285,7 @@ at::Tensor slice_attention_mask_cuda(const at::Tensor& mask, const at::Tensor& i
 TORCH_LIBRARY(random_ltd, m) {
   m.def("gather_tokens(Tensor x, Tensor indices, bool batch_first) -> Tensor");
   m.def("scatter_tokens(Tensor x, Tensor y, Tensor indices, bool batch_first) -> Tensor");
+  m.def("gather_tokens_backward(Tensor grad, Tensor indices, int seq_len, bool batch_first) -> Tensor");
   m.def(
       "sample_sorted_indices_(Tensor(a!) out, int seq_len, int seed, int step, int micro_batch, int layer_offset) -> "
       "()");
@@ -258,6 +295,7 @@ TORCH_LIBRARY(random_ltd, m) {
 TORCH_LIBRARY_IMPL(random_ltd, CPU, m) {
   m.impl("gather_tokens", &random_ltd::gather_tokens_cpu);
   m.impl("scatter_tokens", &random_ltd::scatter_tokens_cpu);
+  m.impl("gather_tokens_backward", &random_ltd::gather_tokens_backward_cpu);
   m.impl("sample_sorted_indices_", &random_ltd::sample_sorted_indices_cpu);
   m.impl("slice_attention_mask", &random_ltd::slice_attention_mask_cpu);
 }
@@ -266,6 +304,7 @@ TORCH_LIBRARY_IMPL(random_ltd, CPU, m) {
 TORCH_LIBRARY_IMPL(random_ltd, CUDA, m) {
   m.impl("gather_tokens", &random_ltd::gather_tokens_cuda);
   m.impl("scatter_tokens", &random_ltd::scatter_tokens_cuda);
+  m.impl("gather_tokens_backward", &random_ltd::gather_tokens_backward_cuda);
   m.impl("sample_sorted_indices_", &random_ltd::sample_sorted_indices_cuda);
   m.impl("slice_attention_mask", &random_ltd::slice_attention_mask_cuda);
 }

@@ -27,11 +27,16 @@ int64_t grain_for(int64_t row_bytes) {
 
 // Source rows are scattered (gather: anywhere in x; scatter in the seq-first layout: b interleaved streams through y
 // with a stride of b rows, a new page per row), so the hardware prefetcher only catches up within a row. Asking
-// for the row kPrefetchRows ahead hides part of the latency of each new row (4 measured best of 0/2/4/8).
-constexpr int64_t kPrefetchRows = 4;
+// for the row kPrefetchRows ahead hides part of the latency of each new row.
+// Only the first kPrefetchBytes of that row are requested: it starts the page walk (a 4 KiB row is a new page)
+// and the L2 streamer, which then fetches the rest of the page itself. Out of cache, at [2048, 8, 2048] bf16 with
+// 1 thread, 12 rows x 512 B raised gather from 0.59-0.91 of clone to 0.77-0.99 (and scatter from 0.77-0.82 to
+// 0.96) against 4 rows x the whole row; the full row costs 64 prefetches per row that queue behind each other.
+constexpr int64_t kPrefetchRows = 12;
+constexpr int64_t kPrefetchBytes = 512;
 
 inline void prefetch_row(const char* p, int64_t row_bytes) {
-  const int64_t n = std::min<int64_t>(row_bytes, 4096);
+  const int64_t n = std::min<int64_t>(row_bytes, kPrefetchBytes);
   for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(p + off, 0, 3);
 }
 
@@ -193,6 +198,47 @@ at::Tensor scatter_tokens(const at::Tensor& x, const at::Tensor& y, const at::Te
       const int64_t yr = y_row_of[r];
       copy.add(dst + r * row_bytes, yr < 0 ? xs + r * row_bytes : ys + yr * row_bytes);
     }
+  });
+  return out;
+}
+
+at::Tensor gather_tokens_backward(const at::Tensor& grad, const at::Tensor& indices, int64_t seq_len, bool batch_first) {
+  const int64_t b = indices.size(0), k = indices.size(1), h = grad.size(2);
+  at::Tensor out = batch_first ? at::empty({b, seq_len, h}, grad.options()) : at::empty({seq_len, b, h}, grad.options());
+  check_index_values(indices, seq_len, "gather_tokens_backward");
+  if (out.numel() == 0) return out;
+
+  // As scatter_tokens, with zero rows in place of x's: one pass writes every output row once (|x| bytes written,
+  // |grad| read), where zeros-then-scatter writes |x| + |grad| and reads |grad| in two passes.
+  const Layout lay{b, batch_first};
+  std::vector<int64_t> grad_row_of(static_cast<size_t>(b * seq_len), -1);
+  const int64_t* idx = indices.const_data_ptr<int64_t>();
+  for (int64_t bi = 0; bi < b; ++bi) {
+    for (int64_t j = 0; j < k; ++j) grad_row_of[lay.row(bi, idx[bi * k + j], seq_len)] = lay.row(bi, j, k);
+  }
+  const int64_t row_bytes = h * static_cast<int64_t>(grad.element_size());
+  const char* gs = static_cast<const char*>(grad.const_data_ptr());
+  char* dst = static_cast<char*>(out.mutable_data_ptr());
+  at::parallel_for(0, b * seq_len, grain_for(row_bytes), [&](int64_t begin, int64_t end) {
+    RunCopier copy(row_bytes);
+    int64_t zeros_from = -1;  // start of the current run of zero rows
+    auto flush_zeros = [&](int64_t r) {
+      if (zeros_from >= 0) std::memset(dst + zeros_from * row_bytes, 0, static_cast<size_t>((r - zeros_from) * row_bytes));
+      zeros_from = -1;
+    };
+    for (int64_t r = begin; r < end; ++r) {
+      if (r + kPrefetchRows < end && grad_row_of[r + kPrefetchRows] >= 0) {
+        prefetch_row(gs + grad_row_of[r + kPrefetchRows] * row_bytes, row_bytes);
+      }
+      const int64_t gr = grad_row_of[r];
+      if (gr < 0) {
+        if (zeros_from < 0) zeros_from = r;
+        continue;
+      }
+      flush_zeros(r);
+      copy.add(dst + r * row_bytes, gs + gr * row_bytes);
+    }
+    flush_zeros(end);
   });
   return out;
 }

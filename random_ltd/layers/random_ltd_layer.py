@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from random_ltd.layers.state import RandomLTDState
-from random_ltd.ops import gather_positions, gather_tokens, scatter_tokens, slice_attention_mask
+from random_ltd.ops import gather_positions, slice_attention_mask, token_combine, token_drop
 
 __all__ = ["RandomLTDLayer", "RandomLTDLayerOptions", "wrap_layer", "unwrap_random_ltd", "register_layer_mixin",
            "layer_mixins", "positional_indices", "DEFAULT_POSITION_NAMES"]
@@ -53,8 +53,9 @@ class RandomLTDLayer(nn.Module):
 
     Training forward: draw sorted indices ``[b, k]`` for this layer and micro-batch, gather the hidden states, slice
     the masks and gather the positions, run the original forward on ``k`` tokens, and scatter its output back into
-    the full sequence: dropped tokens pass through unchanged. In eval mode, or when ``k >= s``, the original forward
-    runs untouched, so outputs are bitwise those of the unwrapped layer.
+    the full sequence: dropped tokens pass through unchanged. Gather and scatter are the fused ``token_drop`` /
+    ``token_combine`` pair, whose backward writes the input gradient in one pass. In eval mode, or when ``k >= s``,
+    the original forward runs untouched, so outputs are bitwise those of the unwrapped layer.
     """
 
     random_ltd_options: RandomLTDLayerOptions
@@ -89,7 +90,8 @@ class RandomLTDLayer(nn.Module):
             return inner(*args, **kwargs)
 
         idx = state.indices(opts.layer_id, batch, seq_len, keep, hidden.device)
-        kept = gather_tokens(hidden, idx, batch_first=opts.batch_first, check_indices=False)
+        # Fused pair: the backward writes hidden's gradient in one pass (random_ltd/ops/fused.py).
+        kept, dropped = token_drop(hidden, idx, batch_first=opts.batch_first, check_indices=False)
         if args:
             args[0] = kept
         else:
@@ -105,7 +107,7 @@ class RandomLTDLayer(nn.Module):
         out = inner(*args, **kwargs)
         first = out if isinstance(out, torch.Tensor) else out[0]
         # Under autocast a layer may return another dtype; the result then has the layer's dtype, as unwrapped.
-        full = scatter_tokens(hidden.to(first.dtype), first, idx, batch_first=opts.batch_first, check_indices=False)
+        full = token_combine(dropped, first)
         if isinstance(out, torch.Tensor):
             return full
         return type(out)((full, *out[1:])) if isinstance(out, tuple) else [full, *out[1:]]

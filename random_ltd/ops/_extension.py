@@ -7,7 +7,7 @@
    when torch is a CUDA build and nvcc exists). ``RANDOM_LTD_NO_JIT=1`` disables this step.
 
 If both fail, one warning says the torch backend will be used and how to build; the reason is kept in the status
-(``python -m random_ltd.info`` prints it). After a successful load, fake (meta) kernels are registered for the four
+(``python -m random_ltd.info`` prints it). After a successful load, fake (meta) kernels are registered for the
 ops so that ``torch.compile`` and ``torch.library.opcheck`` can trace them. Autograd is not registered here: the
 public ops (random_ltd/ops/token_ops.py) compose gather and scatter for their backward.
 """
@@ -28,7 +28,7 @@ from random_ltd.ops._toolchain import nvcc_found as _nvcc_found
 
 __all__ = ["ExtensionStatus", "load", "OPS", "CSRC_DIR"]
 
-OPS = ("gather_tokens", "scatter_tokens", "sample_sorted_indices_", "slice_attention_mask")
+OPS = ("gather_tokens", "scatter_tokens", "gather_tokens_backward", "sample_sorted_indices_", "slice_attention_mask")
 # Sources are found next to the package (editable installs and source checkouts).
 CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
 _BUILD_HINT = "build it with `pip install --no-build-isolation -e .` from the random_ltd checkout"
@@ -96,6 +96,12 @@ def _register_fakes() -> None:
     @torch.library.register_fake("random_ltd::scatter_tokens")
     def _scatter_fake(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, batch_first: bool) -> torch.Tensor:
         return x.new_empty(x.shape)
+
+    @torch.library.register_fake("random_ltd::gather_tokens_backward")
+    def _gather_backward_fake(grad: torch.Tensor, indices: torch.Tensor, seq_len: int,
+                              batch_first: bool) -> torch.Tensor:
+        b = indices.shape[0]
+        return grad.new_empty((b, seq_len, grad.shape[2]) if batch_first else (seq_len, b, grad.shape[2]))
 
     @torch.library.register_fake("random_ltd::sample_sorted_indices_")
     def _sample_fake(out: torch.Tensor, seq_len: int, seed: int, step: int, micro_batch: int,

@@ -58,6 +58,9 @@ def check_gather_scatter(x: torch.Tensor, idx: torch.Tensor, batch_first: bool, 
     assert_bitwise_equal(as_int(out), ref.scatter_tokens(as_int(x), as_int(y), idx, batch_first))
     assert out.data_ptr() != x.data_ptr()
     assert torch.equal(bits(x), bits(x_before)), "scatter_tokens must be out of place"
+    s = x.shape[1 if batch_first else 0]
+    back = ops.gather_tokens_backward(y, idx, s, batch_first)
+    assert_bitwise_equal(as_int(back), ref.gather_tokens_backward(as_int(y), idx, s, batch_first))
 
 
 @pytest.mark.parametrize("batch_first", LAYOUTS)
@@ -108,6 +111,9 @@ def test_gather_empty() -> None:
     idx = torch.empty(0, 3, dtype=torch.long)
     assert ops.gather_tokens(x, idx, False).shape == (3, 0, 4)
     assert ops.scatter_tokens(x, torch.empty(3, 0, 4), idx, False).shape == (5, 0, 4)
+    assert ops.gather_tokens_backward(torch.empty(3, 0, 4), idx, 5, False).shape == (5, 0, 4)
+    assert torch.equal(ops.gather_tokens_backward(torch.empty(2, 0, 4), torch.empty(2, 0, dtype=torch.long), 3, True),
+                       torch.zeros(2, 3, 4))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -199,6 +205,24 @@ def test_opcheck_scatter() -> None:
     torch.library.opcheck(ops.scatter_tokens.default, (x, torch.randn(3, 5, 8), idx, True))
 
 
+@pytest.mark.parametrize("batch_first", LAYOUTS)
+def test_opcheck_gather_backward(batch_first: bool) -> None:
+    idx = random_indices(3, 20, 5, torch.Generator())
+    grad = torch.randn((3, 5, 8) if batch_first else (5, 3, 8))
+    torch.library.opcheck(ops.gather_tokens_backward.default, (grad, idx, 20, batch_first))
+
+
+def test_gather_backward_writes_every_row() -> None:
+    """Output memory recycled from a tensor full of NaNs: every row not named by the indices must read zero."""
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(3):
+        torch.full((4096, 4, 64), float("nan")).sum()  # leaves NaN-filled blocks for the allocator to hand out
+        grad = torch.randn(300, 4, 64, generator=gen)
+        idx = random_indices(4, 4096, 300, gen)
+        back = ops.gather_tokens_backward(grad, idx, 4096, False)
+        assert torch.equal(back, ref.gather_tokens_backward(grad, idx, 4096, False))
+
+
 def test_opcheck_sampler() -> None:
     torch.library.opcheck(ops.sample_sorted_indices_.default, (torch.empty(2, 3, 10, dtype=torch.long), 50, 1, 2, 3, 4))
 
@@ -237,6 +261,11 @@ def _bad_calls() -> list:
         ("y-shape", lambda: ops.scatter_tokens(x, torch.randn(2, 2, 5), idx, False), "y must have shape"),
         ("y-2d", lambda: ops.scatter_tokens(x, y[0], idx, False), "y must be 3-D"),
         ("scatter-range", lambda: ops.scatter_tokens(x, y, torch.tensor([[0, 12], [1, 2]]), False), "out of range"),
+        ("gb-shape", lambda: ops.gather_tokens_backward(torch.randn(2, 1, 4), idx, 10, False), "grad must have shape"),
+        ("gb-seq", lambda: ops.gather_tokens_backward(y, idx, 1, False), "seq_len must be >= keep"),
+        ("gb-range", lambda: ops.gather_tokens_backward(y, idx, 5, False), "out of range"),
+        ("gb-dtype", lambda: ops.gather_tokens_backward(y.view(torch.bits16), idx, 10, False),
+         "unsupported dtype Bits16 of grad"),
         ("out-int32", lambda: ops.sample_sorted_indices_(out.int(), 10, 0, 0, 0, 0), "out must be int64"),
         ("out-2d", lambda: ops.sample_sorted_indices_(out[0], 10, 0, 0, 0, 0), "out must be 3-D"),
         ("out-noncontig", lambda: ops.sample_sorted_indices_(out.transpose(1, 2), 10, 0, 0, 0, 0),

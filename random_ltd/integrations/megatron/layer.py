@@ -31,7 +31,7 @@ import torch
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from random_ltd.layers.random_ltd_layer import RandomLTDLayer, register_layer_mixin
-from random_ltd.ops import gather_positions, gather_tokens, scatter_tokens, slice_attention_mask
+from random_ltd.ops import gather_positions, slice_attention_mask, token_combine, token_drop
 
 __all__ = ["RandomLTDMegatronLayer", "RandomLTDTransformerLayer", "unsupported_reasons"]
 
@@ -117,7 +117,8 @@ class RandomLTDMegatronLayer(RandomLTDLayer):
             local = global_idx = state.indices(opts.layer_id, rows, seq_len, keep, hidden.device)
         local = local.expand(batch, -1)
 
-        kwargs["hidden_states"] = gather_tokens(hidden, local, batch_first=False, check_indices=False)
+        # Fused pair: the backward writes hidden's gradient in one pass (random_ltd/ops/fused.py).
+        kwargs["hidden_states"], dropped = token_drop(hidden, local, batch_first=False, check_indices=False)
         for name in ("attention_mask", "attention_bias", "padding_mask"):
             if kwargs.get(name) is not None:
                 kwargs[name] = slice_attention_mask(kwargs[name], global_idx)
@@ -125,7 +126,7 @@ class RandomLTDMegatronLayer(RandomLTDLayer):
             kwargs["rotary_pos_emb"] = gather_positions(kwargs["rotary_pos_emb"], global_idx)
 
         out, context = self._framework_forward(**kwargs)
-        full = scatter_tokens(hidden.to(out.dtype), out, local, batch_first=False, check_indices=False)
+        full = token_combine(dropped, out)
         return full, context
 
 
