@@ -214,31 +214,78 @@ cudaError_t launch_scatter(const void* x, const void* y, const int64_t* y_row_of
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Fused sampler: one block per (layer, sample) row.
+// Fused sampler: one block per (layer, sample) row; all rows of a micro-batch in one launch (RandomLTDState draws
+// every dropping layer at once), so a [22 layers x 8] draw fills 176 blocks.
 //
-// 1. Radix select over the 32-bit hashes, 8 bits per pass from the top (4 passes, a 256-bin shared histogram,
-//    hashes recomputed each pass: Philox is a few dozen integer ops). It yields the keep-th smallest hash h* and
-//    need_eq = how many positions with hash == h* are kept (keep - #{h < h*}).
-// 2. One ordered pass over positions in chunks (cub::BlockScan, blocked arrangement so thread order = position
+// 1. Each thread hashes its positions of the first kSampleCachedChunks chunks once and keeps the hashes in registers
+//    (blocked arrangement: chunk c, item i = position c * kSampleChunk + tid * kSampleItems + i, the emit pass's
+//    order), so for seq_len <= kSampleCachedChunks * kSampleChunk every position is hashed once instead of five
+//    times; positions beyond are rehashed each pass (any seq_len < 2^31 works, no shared memory sized by seq_len).
+// 2. Radix select over the 32-bit hashes, 8 bits per pass from the top (4 passes, a 256-bin shared histogram). It
+//    yields the keep-th smallest hash h* and need_eq = how many positions with hash == h* are kept (keep - #{h < h*}).
+// 3. One ordered pass over positions in chunks (cub::BlockScan, blocked arrangement so thread order = position
 //    order) emitting every j with h < h* and the first need_eq positions with h == h*: exactly the keep smallest
-//    (h, j) pairs in ascending j, the reference's tie rule. Shared memory does not depend on seq_len.
+//    (h, j) pairs in ascending j, the reference's tie rule.
+// Registers: __launch_bounds__(512, 2) caps them at 64 so two blocks (1024 threads) fit an SM.
 constexpr int kSampleThreads = 512;
 constexpr int kSampleItems = 4;
+constexpr int kSampleChunk = kSampleThreads * kSampleItems;  // positions per emit chunk
+constexpr int kSampleCachedChunks = 2;                       // 4096 positions hashed once (8 registers)
+constexpr int kSampleBlocksPerSm = 2;
 static_assert(kSampleThreads >= 256, "one histogram bin per thread in the bucket search");
 
-__global__ void __launch_bounds__(kSampleThreads)
+// One scan type for the histogram and the emit pass. Emit flags are packed as (#equal << 16) | #less per chunk: a
+// chunk has kSampleChunk <= 2^15 positions, so each count fits 16 bits and one 32-bit scan counts both.
+using SampleScan = cub::BlockScan<uint32_t, kSampleThreads>;
+static_assert(kSampleChunk < (1 << 16), "per-chunk counts are packed in 16 bits");
+
+// Emits the kept positions of one chunk [base, base + kSampleChunk) from this thread's hashes hs; less_seen/eq_seen
+// count the positions with h < threshold / h == threshold in all earlier chunks. Returns true once all `keep` are
+// written (every thread sees the same aggregate, so the result is uniform).
+__device__ __forceinline__ bool emit_chunk(typename SampleScan::TempStorage& storage, int64_t* __restrict__ out_row,
+                                           uint32_t base, const uint32_t (&hs)[kSampleItems], uint32_t seq_len,
+                                           uint32_t keep, uint32_t threshold, uint32_t need_eq, uint32_t& less_seen,
+                                           uint32_t& eq_seen) {
+  const int tid = threadIdx.x;
+  uint32_t flags[kSampleItems];
+  uint32_t before[kSampleItems];
+#pragma unroll
+  for (int i = 0; i < kSampleItems; ++i) {
+    const uint32_t j = base + static_cast<uint32_t>(tid) * kSampleItems + i;
+    const uint32_t h = hs[i];
+    flags[i] = j >= seq_len ? 0u : (h < threshold ? 1u : (h == threshold ? (1u << 16) : 0u));
+  }
+  uint32_t aggregate;
+  SampleScan(storage).ExclusiveSum(flags, before, aggregate);
+#pragma unroll
+  for (int i = 0; i < kSampleItems; ++i) {
+    if (!flags[i]) continue;
+    const uint32_t j = base + static_cast<uint32_t>(tid) * kSampleItems + i;
+    const uint32_t less_before = less_seen + (before[i] & 0xFFFFu);
+    const uint32_t eq_before = eq_seen + (before[i] >> 16);
+    if (flags[i] == 1u) {
+      out_row[static_cast<int64_t>(less_before) + (eq_before < need_eq ? eq_before : need_eq)] = j;
+    } else if (eq_before < need_eq) {
+      out_row[static_cast<int64_t>(less_before) + eq_before] = j;
+    }
+  }
+  less_seen += aggregate & 0xFFFFu;
+  eq_seen += aggregate >> 16;
+  __syncthreads();  // Scan storage reuse.
+  return less_seen + (eq_seen < need_eq ? eq_seen : need_eq) == keep;
+}
+
+__global__ void __launch_bounds__(kSampleThreads, kSampleBlocksPerSm)
     sample_kernel(int64_t* __restrict__ out, int64_t rows, int64_t batch, int64_t keep, int64_t seq_len, uint64_t seed,
                   uint64_t step, uint32_t micro_batch, uint32_t layer_offset) {
-  using HistScan = cub::BlockScan<uint32_t, kSampleThreads>;
-  // Flags packed as (#equal << 32) | #less: one 64-bit scan counts both (each count < 2^31, no carry).
-  using EmitScan = cub::BlockScan<unsigned long long, kSampleThreads>;
-  __shared__ union {
-    typename HistScan::TempStorage hist;
-    typename EmitScan::TempStorage emit;
-  } scan_storage;
+  __shared__ typename SampleScan::TempStorage scan_storage;
   __shared__ uint32_t hist[256];
   __shared__ uint32_t s_prefix, s_rank;
   const int tid = threadIdx.x;
+  constexpr uint32_t kCachedEnd = static_cast<uint32_t>(kSampleCachedChunks) * kSampleChunk;
+  // Positions and counts in 32 bits: the launcher guarantees keep <= seq_len < 2^31.
+  const uint32_t n = static_cast<uint32_t>(seq_len);
+  const uint32_t keep32 = static_cast<uint32_t>(keep);
 
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     int64_t* out_row = out + row * keep;
@@ -249,21 +296,41 @@ __global__ void __launch_bounds__(kSampleThreads)
     const uint32_t sample = static_cast<uint32_t>(row % batch);
     const PhiloxKey key = row_key(seed, step, micro_batch, layer_offset + static_cast<uint32_t>(row / batch));
 
+    // This thread's hashes of the cached chunks (0 past seq_len; never counted, see the j < n tests).
+    uint32_t cached[kSampleCachedChunks][kSampleItems];
+#pragma unroll
+    for (int c = 0; c < kSampleCachedChunks; ++c) {
+#pragma unroll
+      for (int i = 0; i < kSampleItems; ++i) {
+        const uint32_t j = static_cast<uint32_t>(c) * kSampleChunk + static_cast<uint32_t>(tid) * kSampleItems + i;
+        cached[c][i] = j < n ? position_hash(key, j, sample) : 0u;
+      }
+    }
+
     uint32_t prefix = 0;                            // High bits of h* fixed so far.
-    uint32_t rank = static_cast<uint32_t>(keep);    // 1-based rank of h* among hashes matching `prefix`.
+    uint32_t rank = keep32;                         // 1-based rank of h* among hashes matching `prefix`.
     for (int pass = 0; pass < 4; ++pass) {
       const int shift = 24 - 8 * pass;
       const uint32_t high_mask = pass == 0 ? 0u : (0xFFFFFFFFu << (shift + 8));
       if (tid < 256) hist[tid] = 0;
       __syncthreads();
-      for (int64_t j = tid; j < seq_len; j += kSampleThreads) {
-        const uint32_t h = position_hash(key, static_cast<uint32_t>(j), sample);
+#pragma unroll
+      for (int c = 0; c < kSampleCachedChunks; ++c) {
+#pragma unroll
+        for (int i = 0; i < kSampleItems; ++i) {
+          const uint32_t j = static_cast<uint32_t>(c) * kSampleChunk + static_cast<uint32_t>(tid) * kSampleItems + i;
+          const uint32_t h = cached[c][i];
+          if (j < n && (h & high_mask) == prefix) atomicAdd(&hist[(h >> shift) & 255u], 1u);
+        }
+      }
+      for (uint32_t j = kCachedEnd + tid; j < n; j += kSampleThreads) {
+        const uint32_t h = position_hash(key, j, sample);
         if ((h & high_mask) == prefix) atomicAdd(&hist[(h >> shift) & 255u], 1u);
       }
       __syncthreads();
       const uint32_t count = tid < 256 ? hist[tid] : 0u;
       uint32_t inclusive;
-      HistScan(scan_storage.hist).InclusiveSum(count, inclusive);
+      SampleScan(scan_storage).InclusiveSum(count, inclusive);
       // Exactly one bin holds the rank-th candidate.
       if (tid < 256 && inclusive >= rank && inclusive - count < rank) {
         s_prefix = prefix | (static_cast<uint32_t>(tid) << shift);
@@ -272,44 +339,29 @@ __global__ void __launch_bounds__(kSampleThreads)
       __syncthreads();
       prefix = s_prefix;
       rank = s_rank;
-      __syncthreads();  // s_prefix, hist and the scan storage are reused next pass.
+      // No barrier here: hist, s_prefix/s_rank and the scan storage are next written after the next pass's first
+      // barrier, and every read of them above precedes the barrier just passed.
     }
     const uint32_t threshold = prefix;
-    const unsigned long long need_eq = rank;
+    const uint32_t need_eq = rank;
 
-    unsigned long long running = 0;  // Packed counts of all earlier chunks.
-    for (int64_t base = 0; base < seq_len; base += static_cast<int64_t>(kSampleThreads) * kSampleItems) {
-      unsigned long long flags[kSampleItems];
-      unsigned long long before[kSampleItems];
+    uint32_t less_seen = 0, eq_seen = 0;  // Counts of all earlier chunks (each < 2^31).
+    bool done = false;
+#pragma unroll
+    for (int c = 0; c < kSampleCachedChunks; ++c) {
+      const uint32_t base = static_cast<uint32_t>(c) * kSampleChunk;
+      if (done || base >= n) break;
+      done = emit_chunk(scan_storage, out_row, base, cached[c], n, keep32, threshold, need_eq, less_seen, eq_seen);
+    }
+    // Past the cached chunks (base stays below 2^31 + kSampleChunk: no uint32 overflow).
+    for (uint32_t base = kCachedEnd; !done && base < n; base += kSampleChunk) {
+      uint32_t hs[kSampleItems];
 #pragma unroll
       for (int i = 0; i < kSampleItems; ++i) {
-        const int64_t j = base + static_cast<int64_t>(tid) * kSampleItems + i;
-        flags[i] = 0;
-        if (j < seq_len) {
-          const uint32_t h = position_hash(key, static_cast<uint32_t>(j), sample);
-          flags[i] = h < threshold ? 1ull : (h == threshold ? (1ull << 32) : 0ull);
-        }
+        const uint32_t j = base + static_cast<uint32_t>(tid) * kSampleItems + i;
+        hs[i] = j < n ? position_hash(key, j, sample) : 0u;
       }
-      unsigned long long aggregate;
-      EmitScan(scan_storage.emit).ExclusiveSum(flags, before, aggregate);
-#pragma unroll
-      for (int i = 0; i < kSampleItems; ++i) {
-        if (!flags[i]) continue;
-        const int64_t j = base + static_cast<int64_t>(tid) * kSampleItems + i;
-        const unsigned long long prior = running + before[i];
-        const unsigned long long less_before = prior & 0xFFFFFFFFull;
-        const unsigned long long eq_before = prior >> 32;
-        if (flags[i] == 1ull) {
-          out_row[less_before + (eq_before < need_eq ? eq_before : need_eq)] = j;
-        } else if (eq_before < need_eq) {
-          out_row[less_before + eq_before] = j;
-        }
-      }
-      running += aggregate;
-      __syncthreads();  // Scan storage reuse.
-      const unsigned long long eq_total = running >> 32;
-      // All `keep` written (every thread sees the same aggregate, so the exit is uniform).
-      if ((running & 0xFFFFFFFFull) + (eq_total < need_eq ? eq_total : need_eq) == static_cast<uint64_t>(keep)) break;
+      done = emit_chunk(scan_storage, out_row, base, hs, n, keep32, threshold, need_eq, less_seen, eq_seen);
     }
   }
 }
