@@ -26,6 +26,14 @@ cudaError_t scatter_tokens(const void* x, const void* y, const int64_t* indices,
                            int64_t batch, int64_t seq_len, int64_t keep, int64_t hidden, int64_t elem_size,
                            bool batch_first, cudaStream_t stream);
 
+// out = the gradient of gather_tokens, in x's layout ([batch, seq_len, hidden] with batch_first, else
+// [seq_len, batch, hidden]): rows (b, indices[b, j]) = grad[(b, j)] (grad [batch, keep, hidden] or
+// [keep, batch, hidden]), every other row zero; every output row is written exactly once (no zero-fill pass).
+// y_row_workspace: int64 scratch of batch * seq_len entries (row of out -> row of grad, or -1), as scatter_tokens.
+cudaError_t gather_tokens_backward(const void* grad, const int64_t* indices, void* out, int64_t* y_row_workspace,
+                                   int64_t batch, int64_t seq_len, int64_t keep, int64_t hidden, int64_t elem_size,
+                                   bool batch_first, cudaStream_t stream);
+
 // out int64 [num_layers, batch, keep]: row (l, b) = the sorted Philox sample of layer (layer_offset + l), sample b.
 // One block per row; no shared memory sized by seq_len (any seq_len < 2^31 works).
 cudaError_t sample_sorted_indices(int64_t* out, int64_t num_layers, int64_t batch, int64_t keep, int64_t seq_len,
