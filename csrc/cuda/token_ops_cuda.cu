@@ -278,7 +278,7 @@ constexpr int kSampleBlocksPerSm = 2;
 static_assert(kSampleThreads >= 256, "one histogram bin per thread in the bucket search");
 
 // One scan type for the histogram and the emit pass. Emit flags are packed as (#equal << 16) | #less per chunk: a
-// chunk has kSampleChunk <= 2^15 positions, so each count fits 16 bits and one 32-bit scan counts both.
+// chunk has kSampleChunk (2048) positions, so each count fits 16 bits and one 32-bit scan counts both.
 using SampleScan = cub::BlockScan<uint32_t, kSampleThreads>;
 static_assert(kSampleChunk < (1 << 16), "per-chunk counts are packed in 16 bits");
 

@@ -16,12 +16,14 @@ from random_ltd.ops import sample_sorted_indices
 from random_ltd.ops.dispatch import select_backend
 
 CPU = torch.device("cpu")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def per_layer(state: RandomLTDState, layer_id: int, batch: int, seq_len: int, keep: int) -> torch.Tensor:
+def per_layer(state: RandomLTDState, layer_id: int, batch: int, seq_len: int, keep: int,
+              device: torch.device | str = CPU) -> torch.Tensor:
     """Today's per-layer draw: one sampler call of one layer."""
     return sample_sorted_indices(1, batch, seq_len, keep, seed=state.effective_seed, step=state.step,
-                                 micro_batch=max(state.micro_batch, 0), layer_offset=layer_id)[0]
+                                 micro_batch=max(state.micro_batch, 0), layer_offset=layer_id, device=device)[0]
 
 
 def per_layer_sharded(state: RandomLTDState, layer_id: int, batch: int, shard_len: int, kps: int,
@@ -70,7 +72,8 @@ def cfg(layers: int, **kw) -> RandomLTDConfig:
 @pytest.mark.parametrize("kept", [{1: 5, 2: 5, 3: 5, 4: 5}, {1: 5, 2: 9, 3: 5, 4: 12}, {2: 7}, {1: 40, 3: 6}],
                          ids=["uniform", "mixed", "one", "one-full"])
 @pytest.mark.parametrize("order", ["ascending", "descending"])
-def test_batched_draw_is_bitwise_the_per_layer_draw(kept, order):
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_draw_is_bitwise_the_per_layer_draw(kept, order, device):
     state = RandomLTDState(seed=77, data_parallel_rank=3, total_layers=6)
     for step in (0, 5):
         state.advance(step, kept)
@@ -82,9 +85,10 @@ def test_batched_draw_is_bitwise_the_per_layer_draw(kept, order):
                     keep = state.kept_length(lid, seq_len)
                     if keep >= seq_len:
                         continue
-                    got = state.indices(lid, batch, seq_len, keep, CPU)
-                    assert got.shape == (batch, keep)
-                    assert torch.equal(got, per_layer(state, lid, batch, seq_len, keep)), (step, lid, batch, seq_len)
+                    got = state.indices(lid, batch, seq_len, keep, torch.device(device))
+                    assert got.shape == (batch, keep) and got.device.type == device
+                    expected = per_layer(state, lid, batch, seq_len, keep, device)
+                    assert torch.equal(got, expected), (step, lid, batch, seq_len)
         state.finish_step()
 
 
