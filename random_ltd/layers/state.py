@@ -1,9 +1,11 @@
 """Per-model random-LTD state: the sampling key, the kept lengths of this step, and exact layer-token counts.
 
-One ``RandomLTDState`` is shared by the wrapped layers of one model (there is no process-global state). Indices are
-never stored: each wrapped layer redraws them from the counter key ``(seed, step, micro_batch, layer)``, so activation
-recompute and every tensor-parallel rank get the same indices, and data-parallel ranks (which fold their rank into the
-seed) get different ones.
+One ``RandomLTDState`` is shared by the wrapped layers of one model (there is no process-global state). Indices are a
+pure function of the counter key ``(seed, step, micro_batch, layer)``, so activation recompute and every
+tensor-parallel rank get the same indices, and data-parallel ranks (which fold their rank into the seed) get different
+ones. The first wrapped layer of a micro-batch draws the indices of every dropping layer with its kept length in one
+sampler call (one kernel launch instead of one per layer); the draw is cached for that micro-batch only, and is
+bitwise the per-layer draw, so the cache changes the cost and never the indices.
 """
 
 from __future__ import annotations
@@ -76,6 +78,10 @@ class RandomLTDState:
     _pending: dict[int, tuple[int, int, int]] = field(default_factory=dict, repr=False)
     _shape: tuple[int, int] | None = field(default=None, repr=False)
     _step_count: LayerTokenCount = field(default_factory=LayerTokenCount, repr=False)
+    # Batched draws of the current counter: ((seed, step, micro_batch), [(key, first layer id, draw)]) with key =
+    # (shards, batch, shard_len, keep_per_shard, device, inference mode), draw [layers, shards, batch, keep_per_shard].
+    _draws: tuple[tuple[int, int, int], list[tuple[tuple, int, torch.Tensor]]] | None = field(default=None,
+                                                                                              repr=False)
 
     @property
     def effective_seed(self) -> int:
@@ -92,9 +98,12 @@ class RandomLTDState:
         return min(seq_len, self.kept_lengths.get(layer_id, seq_len))
 
     def indices(self, layer_id: int, batch: int, seq_len: int, keep: int, device: torch.device) -> torch.Tensor:
-        """Sorted kept indices ``[batch, keep]`` for this layer and micro-batch (a pure function of the key)."""
-        return sample_sorted_indices(1, batch, seq_len, keep, seed=self.effective_seed, step=self.step,
-                                     micro_batch=max(self.micro_batch, 0), layer_offset=layer_id, device=device)[0]
+        """Sorted kept indices ``[batch, keep]`` for this layer and micro-batch (a pure function of the key).
+
+        Bitwise ``sample_sorted_indices(1, batch, seq_len, keep, layer_offset=layer_id, ...)[0]``, served from the
+        micro-batch's batched draw (see ``_batched_draw``).
+        """
+        return self._batched_draw(layer_id, 1, batch, seq_len, keep, device)[0]
 
     def sharded_indices(self, layer_id: int, batch: int, shard_len: int, keep_per_shard: int, shards: int,
                         device: torch.device) -> torch.Tensor:
@@ -102,11 +111,39 @@ class RandomLTDState:
 
         Sequence parallelism: each tensor-parallel rank keeps ``keep_per_shard`` sorted positions of its own shard.
         Every rank computes the picks of all shards from the same counter key, so the global kept positions
-        (``picks + shard * shard_len``, sorted by construction) are known everywhere without communication.
+        (``picks + shard * shard_len``, sorted by construction) are known everywhere without communication. Shard
+        ``t`` of layer ``l`` is sampler layer ``l * shards + t`` (bitwise ``sample_sorted_indices(shards, batch,
+        shard_len, keep_per_shard, layer_offset=layer_id * shards, ...)``).
         """
-        return sample_sorted_indices(shards, batch, shard_len, keep_per_shard, seed=self.effective_seed,
-                                     step=self.step, micro_batch=max(self.micro_batch, 0),
-                                     layer_offset=layer_id * shards, device=device)
+        return self._batched_draw(layer_id, shards, batch, shard_len, keep_per_shard, device)
+
+    def _batched_draw(self, layer_id: int, shards: int, batch: int, shard_len: int, keep_per_shard: int,
+                      device: torch.device) -> torch.Tensor:
+        """``[shards, batch, keep_per_shard]`` of ``layer_id``, drawn with every layer that keeps as many tokens.
+
+        On a miss, one sampler call draws the layers ``first..last`` spanned by the wrapped layers whose kept length
+        (for this sequence length) equals this one: one launch per distinct kept length and micro-batch. The cache
+        is keyed by everything the draw depends on (the counter, shards, batch, lengths, device) and holds only the
+        current counter's draws, so a new step, micro-batch, seed, shape or device can only cause a fresh draw,
+        never a stale one.
+        """
+        counter = (self.effective_seed, self.step, max(self.micro_batch, 0))
+        if self._draws is None or self._draws[0] != counter:
+            self._draws = (counter, [])
+        # Inference tensors cannot be saved for backward: a draw made under inference_mode is not reused outside it.
+        key = (shards, batch, shard_len, keep_per_shard, str(torch.device(device)), torch.is_inference_mode_enabled())
+        for k, first, draw in self._draws[1]:
+            if k == key and first <= layer_id < first + draw.shape[0]:
+                return draw[layer_id - first]
+        seq_len, keep = shard_len * shards, keep_per_shard * shards
+        same = [lid for lid in self.kept_lengths if lid >= 0 and self.kept_length(lid, seq_len) == keep]
+        first, last = min([layer_id, *same]), max([layer_id, *same])
+        draw = sample_sorted_indices((last - first + 1) * shards, batch, shard_len, keep_per_shard,
+                                     seed=counter[0], step=counter[1], micro_batch=counter[2],
+                                     layer_offset=first * shards, device=device)
+        draw = draw.view(last - first + 1, shards, batch, keep_per_shard)
+        self._draws[1].append((key, first, draw))
+        return draw[layer_id - first]
 
     def record(self, layer_id: int, batch: int, seq_len: int, kept: int) -> None:
         """Note what a wrapped layer ran. Recompute overwrites the same entry, so nothing is counted twice."""
@@ -117,6 +154,7 @@ class RandomLTDState:
     def begin_micro_batch(self) -> None:
         self._flush()
         self.micro_batch += 1
+        self._draws = None  # the previous micro-batch's indices are not needed any more (keyed anyway)
 
     def _flush(self) -> None:
         if self._shape is None:
@@ -136,12 +174,14 @@ class RandomLTDState:
         self._flush()
         count, self._step_count = self._step_count, LayerTokenCount()
         self.micro_batch = -1
+        self._draws = None
         return count
 
     def advance(self, step: int, kept_lengths: dict[int, int]) -> None:
         """Move to optimizer step ``step`` with the scheduled kept lengths."""
         self.step = step
         self.kept_lengths = dict(kept_lengths)
+        self._draws = None
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "step": self.step, "kept_lengths": dict(self.kept_lengths)}
@@ -149,3 +189,4 @@ class RandomLTDState:
     def load_state_dict(self, sd: dict) -> None:
         self.step = int(sd["step"])
         self.kept_lengths = {int(k): int(v) for k, v in sd["kept_lengths"].items()}
+        self._draws = None

@@ -34,6 +34,11 @@ SAMPLER_CASES = [
     (1, 2, 32768, 4096, 99, 3, 0, 5),
     (1, 1, 32768, 1, 99, 3, 0, 5),
     (1, 1, 40000, 39999, 5, 0, 0, 0),
+    # around the CUDA sampler's register cache (the first 4096 positions are hashed once, the rest every pass)
+    (3, 2, 4096, 1000, 17, 2, 1, 3),
+    (2, 2, 4097, 4096, 18, 0, 0, 0),
+    (1, 3, 4097, 2, 19, 1, 2, 0),
+    (1, 2, 6145, 5000, 20, 4, 0, 7),
 ]
 
 

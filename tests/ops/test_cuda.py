@@ -125,6 +125,79 @@ def test_offsets_beyond_int32() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# gather_tokens_backward: the gradient of gather in one pass (zero rows and grad rows, each written once)
+
+needs_backward_op = pytest.mark.skipif(
+    SKIP_REASON is None and not hasattr(ops, "gather_tokens_backward"),
+    reason="torch.ops.random_ltd.gather_tokens_backward is not registered in this build")
+
+
+def expected_gather_backward(grad: torch.Tensor, idx: torch.Tensor, seq_len: int, batch_first: bool) -> torch.Tensor:
+    """Zeros of x's shape with the kept rows taken from grad (integer view of the bytes), on the CPU."""
+    g = as_int(grad.cpu())
+    b, h = (g.shape[0], g.shape[2]) if batch_first else (g.shape[1], g.shape[2])
+    zeros = torch.zeros((b, seq_len, h) if batch_first else (seq_len, b, h), dtype=g.dtype)
+    return ref.scatter_tokens(zeros, g, idx.cpu(), batch_first)
+
+
+def poison_allocator(nbytes: int) -> None:
+    """Leaves a freed block of 0xFF bytes in the caching allocator: rows the kernel does not write would show it."""
+    torch.full((nbytes + 4096,), 255, dtype=torch.uint8, device=DEV)
+    torch.cuda.synchronize()
+
+
+@needs_backward_op
+@pytest.mark.parametrize("batch_first", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("s,k,h", GATHER_CASES)
+def test_gather_tokens_backward_bitwise(s: int, k: int, h: int, dtype: torch.dtype, batch_first: bool) -> None:
+    gen = torch.Generator().manual_seed(s * 104729 + k * 17 + h)
+    b = 2
+    idx = random_indices(b, s, k, gen)
+    grad = random_tensor((b, k, h) if batch_first else (k, b, h), dtype, gen).to(DEV)
+    poison_allocator(b * s * h * grad.element_size())
+    out = ops.gather_tokens_backward(grad, idx.to(DEV), s, batch_first)
+    assert_bitwise_equal(as_int(out), expected_gather_backward(grad, idx, s, batch_first))
+
+
+@needs_backward_op
+@pytest.mark.parametrize("offset", [0, 1, 3, 8], ids=lambda o: f"off{o}")
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float16, torch.float32, torch.complex128],
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_gather_tokens_backward_misaligned_grad(offset: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(offset + 5)
+    s, b, k, h = 40, 3, 17, 13
+    buf = random_tensor((offset + k * b * h,), dtype, gen).to(DEV)
+    grad = buf[offset:].view(k, b, h)
+    idx = random_indices(b, s, k, gen)
+    out = ops.gather_tokens_backward(grad, idx.to(DEV), s, False)
+    assert_bitwise_equal(as_int(out), expected_gather_backward(grad, idx, s, False))
+
+
+@needs_backward_op
+def test_gather_tokens_backward_is_the_gradient_of_gather() -> None:
+    x = torch.randn(64, 3, 16, device=DEV, requires_grad=True)
+    idx = ref.sample_sorted_indices(1, 3, 64, 20, seed=3)[0].to(DEV)
+    g = torch.randn(20, 3, 16, device=DEV)
+    (ref.gather_tokens(x, idx, False) * g).sum().backward()
+    assert torch.equal(ops.gather_tokens_backward(g, idx, 64, False), x.grad)
+
+
+@needs_backward_op
+def test_gather_tokens_backward_out_of_range_ignored_and_opcheck() -> None:
+    g = torch.randn(2, 2, 8, device=DEV)
+    idx = torch.tensor([[1, 10], [-1, 3]], device=DEV)
+    out = ops.gather_tokens_backward(g, idx, 10, False)
+    expected = torch.zeros(10, 2, 8, device=DEV)
+    expected[1, 0] = g[0, 0]
+    expected[3, 1] = g[1, 1]
+    assert torch.equal(out, expected)
+    gen = torch.Generator().manual_seed(0)
+    good = random_indices(3, 20, 5, gen).to(DEV)
+    torch.library.opcheck(ops.gather_tokens_backward.default, (torch.randn(5, 3, 8, device=DEV), good, 20, False))
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Sampler
 
 # CUDA-only extras: a large batch of rows and a sequence beyond the shared-memory path
@@ -180,6 +253,19 @@ def test_slice_attention_mask(mb: int, dtype: torch.dtype, s: int, k: int) -> No
     gen = torch.Generator().manual_seed(s + k + mb)
     mask = random_tensor((mb, 2, s, s), dtype, gen)
     idx = random_indices(3, s, k, gen)
+    got = ops.slice_attention_mask(mask.to(DEV), idx.to(DEV))
+    assert_bitwise_equal(as_int(got), reference_slice(as_int(mask), idx))
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float16, torch.float32, torch.float64],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("s,k,b,heads", [(2100, 1500, 2, 1), (3000, 2049, 1, 2), (257, 129, 5, 3)])
+def test_slice_attention_mask_row_tiles(dtype: torch.dtype, s: int, k: int, b: int, heads: int) -> None:
+    """Rows longer than one shared tile of column offsets (1024), odd row lengths (every 16-byte phase of the
+    vector stores), several samples per block range; out-of-memory-order (unsorted) indices."""
+    gen = torch.Generator().manual_seed(s * 3 + k)
+    mask = random_tensor((b, heads, s, s), dtype, gen)
+    idx = random_indices(b, s, k, gen)
     got = ops.slice_attention_mask(mask.to(DEV), idx.to(DEV))
     assert_bitwise_equal(as_int(got), reference_slice(as_int(mask), idx))
 
