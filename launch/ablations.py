@@ -3,7 +3,7 @@
 Studies (each arm trains the same tiny GPT from the same initialisation on the same batches in the same order)::
 
     tokenbypass  random-LTD vs TokenBypass at equal saving, vs the baseline (paper 5.1, Fig. 4): constant drop of
-                 half the tokens, "set 1" on the sandwich layers (L//2 .. L-2), "set 2" on layers 1 .. L-2
+                 half the tokens, "set 1" on the sandwich layers (L/2-1 .. L-2, 0-based), "set 2" on layers 1 .. L-2
     layers       MSLG random-LTD on all layers / all but first / all but last / all but first and last (Table 5)
     schedule     MSLG vs a constant kept length at equal LayerToken saving, plus a constant ~10 points lower
                  (Table 6)
