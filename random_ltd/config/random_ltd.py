@@ -47,236 +47,49 @@ Defaults where DeepSpeed has none follow the paper: ``min_value`` 128, ``seq_per
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import json
-import math
 import os
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictStr,
-    ValidationError,
-    model_validator,
+from pydantic import Field, StrictBool, StrictStr, model_validator
+
+from random_ltd.config.common import (
+    RANDOM_LTD_PATH,
+    ConfigError,
+    ConfigIssue,
+    Int,
+    KeepRatio,
+    LayerKey,
+    Real,
+    _as_int,
+    _Block,
+    _FieldIssues,
+    _flag,
+    _load_deepspeed_config,
+    _sub_block,
+)
+from random_ltd.config.layer_token_lr import (
+    LAYER_TOKEN_LR_SCHEDULER_TYPE,
+    SCHEDULER_PARAMS_PATH,
+    LayerTokenLRConfig,
+    LayerTokenLRSchedule,
 )
 
 __all__ = [
     "RANDOM_LTD_PATH",
-    "ConfigError",
-    "ConfigIssue",
-    "LayerTokenLRConfig",
-    "LayerTokenLRSchedule",
+    "LayerSet",
     "RandomLTDConfig",
     "ScheduleConfig",
     "ScheduleParams",
+    "TokenBypassConfig",
+    "layer_set_ids",
     "layer_token_lr_config_from_deepspeed",
 ]
-
-RANDOM_LTD_PATH = "data_efficiency.data_routing.random_ltd"
-"""Dotted key path of the random-LTD block inside a DeepSpeed config."""
-
-SCHEDULER_PARAMS_PATH = "scheduler.params"
-"""Dotted key path of the LayerToken LR parameters in the DeepSpeed ``scheduler`` block form."""
-
-LAYER_TOKEN_LR_SCHEDULER_TYPE = "LayerTokenLR"
-"""Value of ``scheduler.type`` that selects LayerToken LR in a DeepSpeed config."""
 
 # DeepSpeed's data_pipeline/constants.py defaults.
 _DATA_EFFICIENCY_ENABLED_DEFAULT = False
 _DATA_ROUTING_ENABLED_DEFAULT = False
 _DATA_EFFICIENCY_SEED_DEFAULT = 1234
-
-_KEY_HINTS = {
-    "global_batch_size": "DeepSpeed's engine injects it into its own parsed copy; pass the batch size to the "
-    "schedule instead",
-    "micro_batch_size": "DeepSpeed's engine injects it into its own parsed copy; do not write it in the config",
-}
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Errors
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ConfigIssue:
-    """One problem in a config: full dotted key path and a message saying what is wrong and what is allowed."""
-
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
-
-
-class ConfigError(ValueError):
-    """Invalid random-LTD / LayerToken LR configuration.
-
-    ``str(err)`` holds every issue as ``<full.dotted.key.path>: <bad value and what is allowed>``; ``err.issues``
-    has them as :class:`ConfigIssue` objects.
-    """
-
-    def __init__(self, issues: list[ConfigIssue] | str) -> None:
-        if isinstance(issues, str):
-            issues = [ConfigIssue(path="", message=issues)]
-        self.issues: list[ConfigIssue] = list(issues)
-        if len(self.issues) == 1:
-            text = str(self.issues[0]) if self.issues[0].path else self.issues[0].message
-        else:
-            text = f"{len(self.issues)} config errors:\n" + "\n".join(f"  {issue}" for issue in self.issues)
-        super().__init__(text)
-
-    @classmethod
-    def from_validation_error(cls, exc: ValidationError, prefix: str) -> ConfigError:
-        """Convert a pydantic ``ValidationError`` into a ConfigError whose paths start with ``prefix``."""
-        issues: list[ConfigIssue] = []
-        for err in exc.errors():
-            loc = list(err.get("loc", ()))
-            cause = (err.get("ctx") or {}).get("error")
-            if isinstance(cause, _FieldIssues):
-                for field, message in cause.items:
-                    issues.append(ConfigIssue(_join_path(prefix, [*loc, *field.split(".")]), message))
-                continue
-            if err["type"] == "missing":
-                message = "required key is missing"
-            elif isinstance(cause, ValueError):
-                message = str(cause)
-            else:
-                message = f"{err['msg']} (got {err.get('input')!r})"
-            issues.append(ConfigIssue(_join_path(prefix, loc), message))
-        return cls(issues)
-
-
-class _FieldIssues(ValueError):
-    """Raised inside validators to report problems at sub-paths (relative to the validated model)."""
-
-    def __init__(self, *items: tuple[str, str]) -> None:
-        self.items = list(items)
-        super().__init__("; ".join(f"{field}: {message}" for field, message in items))
-
-
-def _join_path(prefix: str, loc: list[Any]) -> str:
-    """Dotted path ``prefix.a.b[3]`` from a pydantic ``loc``."""
-    path = prefix
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif part == "[key]":
-            path += " (key)"
-        elif part:
-            path = f"{path}.{part}" if path else str(part)
-    return path
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Scalar types
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _as_int(value: Any) -> Any:
-    """Accept ints and integral floats (JSON ``2e6``); reject bools and strings, which DeepSpeed would mis-handle."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected an integer, got boolean {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    raise ValueError(f"expected an integer, got {type(value).__name__} {value!r}")
-
-
-def _as_layer_key(value: Any) -> Any:
-    """Layer-id dict keys: ints, or decimal strings (JSON object keys are always strings)."""
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    return _as_int(value)
-
-
-def _as_real(value: Any) -> Any:
-    """Accept finite ints/floats; reject bools, strings, nan and inf."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"expected a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"expected a finite number, got {value!r}")
-    return float(value)
-
-
-Int = Annotated[int, BeforeValidator(_as_int)]
-LayerKey = Annotated[int, BeforeValidator(_as_layer_key)]
-Real = Annotated[float, BeforeValidator(_as_real)]
-KeepRatio = Annotated[Real, Field(gt=0.0, le=1.0)]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Base model
-# --------------------------------------------------------------------------------------------------------------------
-
-
-_VALIDATION_DEPTH: contextvars.ContextVar[int] = contextvars.ContextVar("random_ltd_config_depth", default=0)
-
-
-@contextlib.contextmanager
-def _converting_errors(prefix: str) -> Iterator[None]:
-    """Turn a pydantic ValidationError into ConfigError, only at the outermost call.
-
-    Models with a custom ``__init__`` are validated through it even when nested, and pydantic merges a nested
-    ValidationError into the parent's with the right location; converting there would lose that, so nested calls
-    pass ValidationError through untouched.
-    """
-    depth = _VALIDATION_DEPTH.get()
-    token = _VALIDATION_DEPTH.set(depth + 1)
-    try:
-        yield
-    except ValidationError as exc:
-        if depth:
-            raise
-        raise ConfigError.from_validation_error(exc, prefix) from None
-    finally:
-        _VALIDATION_DEPTH.reset(token)
-
-
-class _Block(BaseModel):
-    """Frozen, extra="forbid" base that converts validation failures into :class:`ConfigError`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=False)
-
-    _path: ClassVar[str] = RANDOM_LTD_PATH
-
-    def __init__(self, **data: Any) -> None:
-        with _converting_errors(type(self)._path):
-            super().__init__(**data)
-
-    @classmethod
-    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: D102 - same as pydantic's
-        with _converting_errors(cls._path):
-            return super().model_validate(obj, *args, **kwargs)
-
-    @classmethod
-    def model_validate_json(cls, json_data: str | bytes | bytearray, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
-        with _converting_errors(cls._path):
-            return super().model_validate_json(json_data, *args, **kwargs)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _reject_unknown_keys(cls, data: Any) -> Any:
-        """Unknown keys are errors naming the key and listing the allowed ones (DeepSpeed ignores typos)."""
-        if isinstance(data, dict):
-            allowed = list(cls.model_fields)
-            problems = []
-            for key in data:
-                if key not in cls.model_fields:
-                    hint = f" ({_KEY_HINTS[key]})" if key in _KEY_HINTS else ""
-                    problems.append((str(key), f"unknown key {key!r}{hint}; allowed keys: {', '.join(allowed)}"))
-            if problems:
-                raise _FieldIssues(*problems)
-        return data
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -377,111 +190,6 @@ class ScheduleConfig(_Block):
                     f"(schedule_type is 'fixed_linear_tokens', which uses require_tokens)",
                 )
             )
-        return self
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# LayerToken LR
-# --------------------------------------------------------------------------------------------------------------------
-
-WarmupType = Literal["linear", "log"]
-DecayType = Literal["linear", "cosine", "constant"]
-
-
-class _LayerTokenLRFields(_Block):
-    """Fields shared by the random-LTD block form and the ``scheduler`` block form of LayerToken LR."""
-
-    enabled: StrictBool = Field(description="Turn LayerToken LR on (default set by each form).")
-    total_layer_tokens: Int | None = Field(
-        None,
-        ge=1,
-        description="Layer-tokens (sum over layers of tokens processed) at which the decay ends and min_lr is "
-        "reached (DeepSpeed key). Appendix C eq. (2): the random-LTD run's total consumption. Required when "
-        "enabled.",
-    )
-    warmup_layer_tokens: Int = Field(
-        0,
-        ge=0,
-        description="Layer-tokens of linear warmup from 0 to the peak LR (DeepSpeed key). Appendix C eq. (1): "
-        "L * seq_len * batch * warmup_steps of the iteration-based schedule being replaced.",
-    )
-    warmup_type: WarmupType = Field(
-        "linear",
-        description="Warmup shape (DeepSpeed key). Only 'linear' is implemented: DeepSpeed's 'log' warmup is "
-        "log(step+1)/log(warmup_steps), which has no step unit in layer-token space; 'log' is accepted only in a "
-        "disabled block so DeepSpeed configs still load.",
-    )
-    decay_type: DecayType = Field(
-        "cosine",
-        description="Extension: decay shape after warmup: 'cosine' (default), 'linear', or 'constant' (stay at the "
-        "peak LR; min_lr unused).",
-    )
-    min_lr: Real = Field(0.0, ge=0.0, description="Extension: LR reached at total_layer_tokens and kept after it.")
-
-    @model_validator(mode="after")
-    def _check_required_when_enabled(self) -> _LayerTokenLRFields:
-        """total_layer_tokens has no sensible default; require it when the schedule is on."""
-        if self.enabled and self.total_layer_tokens is None:
-            raise _FieldIssues(("total_layer_tokens", "required when the LayerToken LR schedule is enabled"))
-        return self
-
-    @model_validator(mode="after")
-    def _check_warmup_within_total(self) -> _LayerTokenLRFields:
-        """Warmup must end no later than the decay does."""
-        if self.enabled and self.total_layer_tokens is not None and self.warmup_layer_tokens > self.total_layer_tokens:
-            raise _FieldIssues(
-                (
-                    "warmup_layer_tokens",
-                    f"{self.warmup_layer_tokens} > total_layer_tokens {self.total_layer_tokens} (warmup must end "
-                    f"no later than the decay)",
-                )
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _check_warmup_type_supported(self) -> _LayerTokenLRFields:
-        """'log' warmup is declared by DeepSpeed but has no meaning in layer-token space."""
-        if self.enabled and self.warmup_type != "linear":
-            raise _FieldIssues(
-                (
-                    "warmup_type",
-                    f"{self.warmup_type!r} is not supported for LayerToken LR; allowed: 'linear' (DeepSpeed's log "
-                    f"warmup is log(step+1)/log(warmup_steps) and needs a step unit that layer-tokens do not have)",
-                )
-            )
-        return self
-
-
-class LayerTokenLRSchedule(_LayerTokenLRFields):
-    """``random_ltd.layer_token_lr_schedule``: LayerToken LR declared inside the random-LTD block (DeepSpeed form).
-
-    DeepSpeed 0.19.8 declares these keys but raises NotImplementedError when enabled; we implement them.
-    """
-
-    _path: ClassVar[str] = RANDOM_LTD_PATH + ".layer_token_lr_schedule"
-
-    enabled: StrictBool = Field(False, description="Turn LayerToken LR on (DeepSpeed key; default false).")
-
-    def to_lr_config(self, lr: float | None = None) -> LayerTokenLRConfig:
-        """The same settings as a standalone :class:`LayerTokenLRConfig`."""
-        return LayerTokenLRConfig(**self.model_dump(), lr=lr)
-
-
-class LayerTokenLRConfig(_LayerTokenLRFields):
-    """LayerToken LR settings, also the ``params`` of DeepSpeed's ``"scheduler": {"type": "LayerTokenLR"}`` form."""
-
-    _path: ClassVar[str] = SCHEDULER_PARAMS_PATH
-
-    enabled: StrictBool = Field(True, description="Turn LayerToken LR on (default true in the scheduler form).")
-    lr: Real | None = Field(
-        None, gt=0.0, description="Peak LR after warmup; default: each optimizer param group's initial lr."
-    )
-
-    @model_validator(mode="after")
-    def _check_min_lr_below_peak(self) -> LayerTokenLRConfig:
-        """The decay must go down, not up."""
-        if self.lr is not None and self.min_lr > self.lr:
-            raise _FieldIssues(("min_lr", f"{self.min_lr} > lr {self.lr} (min_lr must be <= the peak lr)"))
         return self
 
 
@@ -728,41 +436,6 @@ class RandomLTDConfig(_Block):
         return cls.model_validate(block)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# DeepSpeed-config helpers
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _load_deepspeed_config(ds_config: dict[str, Any] | str | os.PathLike[str]) -> dict[str, Any]:
-    """A DeepSpeed config as a dict: given as a dict, or read from a JSON file."""
-    if isinstance(ds_config, (str, os.PathLike)):
-        path = os.fspath(ds_config)
-        with open(path, encoding="utf-8") as fh:
-            try:
-                ds_config = json.load(fh)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(ds_config, dict):
-        raise ConfigError(f"a DeepSpeed config must be a JSON object / dict, got {type(ds_config).__name__}")
-    return ds_config
-
-
-def _sub_block(parent: dict[str, Any], key: str, parent_path: str) -> dict[str, Any]:
-    """``parent[key]`` as a dict ({} when absent); a non-object is a ConfigError."""
-    value = parent.get(key, {})
-    if not isinstance(value, dict):
-        path = f"{parent_path}.{key}" if parent_path else key
-        raise ConfigError([ConfigIssue(path, f"expected an object, got {value!r}")])
-    return value
-
-
-def _flag(block: dict[str, Any], path: str, default: bool) -> bool:
-    """A parent ``enabled`` flag: must be a JSON boolean."""
-    value = block.get("enabled", default)
-    if not isinstance(value, bool):
-        raise ConfigError([ConfigIssue(f"{path}.enabled", f"expected true or false, got {value!r}")])
-    return value
-
 
 def layer_token_lr_config_from_deepspeed(
     ds_config: dict[str, Any] | str | os.PathLike[str],
@@ -811,6 +484,7 @@ def layer_token_lr_config_from_deepspeed(
             ]
         )
     return from_scheduler if from_scheduler is not None else from_block
+
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -904,214 +578,3 @@ class TokenBypassConfig(_Block):
 
 
 RandomLTDConfig.model_rebuild()
-__all__ += ["LayerSet", "TokenBypassConfig", "layer_set_ids"]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# SkipLayer (top-level ``skip_layer`` block of a DeepSpeed config)
-# --------------------------------------------------------------------------------------------------------------------
-
-SKIP_LAYER_PATH = "skip_layer"
-"""Dotted key path of the SkipLayer block inside a DeepSpeed config (our own block; DeepSpeed ignores it)."""
-
-
-class SkipLayerConfig(_Block):
-    """The ``skip_layer`` block: learned per-token layer skipping ("Learning to Skip for Language Modeling").
-
-    Example::
-
-        "skip_layer": {"enabled": true, "capacity": 0.5, "aux_loss_weight": 0.1,
-                       "router": "straight_through_gumbel", "temperature": 1.0, "gumbel_noise": 1.0,
-                       "group_size": null, "layers": null}
-
-    Build it from a whole DeepSpeed config with :meth:`from_deepspeed`; ``options(layer_id)`` gives the
-    ``random_ltd.layers.skip_layer.SkipLayerOptions`` of one layer.
-    """
-
-    _path: ClassVar[str] = SKIP_LAYER_PATH
-
-    enabled: StrictBool = Field(False, description="Wrap the model's transformer layers in SkipLayers.")
-    capacity: Real = Field(
-        0.5, gt=0.0, le=1.0, description="P in (0, 1]: target fraction of tokens that run each layer (paper: 0.5 "
-        "for 2L layers at the cost of L)."
-    )
-    aux_loss_weight: Real = Field(
-        0.1, ge=0.0, description="λ >= 0 of the auxiliary loss λ·Σ_i (r_i − P)² (paper: 0.1)."
-    )
-    router: Literal["straight_through_gumbel", "sigmoid", "top1_softmax", "random", "highway"] = Field(
-        "straight_through_gumbel",
-        description="Router G(X|W_G): straight_through_gumbel (paper's choice), sigmoid (threshold), top1_softmax "
-        "(gate probability multiplied in), random (Bernoulli(P) baseline), highway (HighwayNet baseline, dense).",
-    )
-    temperature: Real = Field(1.0, gt=0.0, description="Router softmax/sigmoid temperature (> 0).")
-    gumbel_noise: Real = Field(
-        1.0, ge=0.0, description="Scale of the Gumbel (logistic for sigmoid) noise added in training (0 = none)."
-    )
-    threshold: Real = Field(0.5, gt=0.0, lt=1.0, description="sigmoid router: decision threshold in (0, 1).")
-    group_size: Int | None = Field(
-        None, ge=1, description="Gsize >= 1: the FFN runs on the routed tokens in groups of this size; default "
-        "ceil(P * batch * seq_len)."
-    )
-    implementation: Literal["efficient", "dense"] = Field(
-        "efficient", description="'efficient' (gather/scatter of routed tokens) or 'dense' (masked reference)."
-    )
-    layers: list[Int] | None = Field(
-        None, description="Indices (0-based) of the layers to wrap, unique; default all layers."
-    )
-
-    @model_validator(mode="after")
-    def _check_layers(self) -> SkipLayerConfig:
-        """Layer indices must be unique and >= 0 (the upper bound is checked against the model when converting)."""
-        ids = self.layers
-        if ids is None:
-            return self
-        problems = []
-        duplicates = sorted({i for i in ids if ids.count(i) > 1})
-        if duplicates:
-            problems.append(("layers", f"duplicate layer ids {duplicates} in {ids} (must be unique)"))
-        negative = [i for i in ids if i < 0]
-        if negative:
-            problems.append(("layers", f"layer ids {negative} are negative (must be >= 0)"))
-        if problems:
-            raise _FieldIssues(*problems)
-        return self
-
-    def layer_ids(self, num_layers: int) -> tuple[int, ...]:
-        """The wrapped layer indices for a model of ``num_layers`` layers; out-of-range ids are a ConfigError."""
-        ids = tuple(range(num_layers)) if self.layers is None else tuple(sorted(self.layers))
-        outside = [i for i in ids if i >= num_layers]
-        if outside:
-            raise ConfigError([ConfigIssue(f"{SKIP_LAYER_PATH}.layers",
-                                           f"layer ids {outside} outside [0, {num_layers}) (the model has "
-                                           f"{num_layers} layers)")])
-        return ids
-
-    def options(self, layer_id: int) -> Any:
-        """``SkipLayerOptions`` for one layer (imported here: the layers package depends on config, not back)."""
-        from random_ltd.layers.skip_layer import SkipLayerOptions
-
-        return SkipLayerOptions(capacity=self.capacity, aux_loss_weight=self.aux_loss_weight, router=self.router,
-                                temperature=self.temperature, gumbel_noise=self.gumbel_noise,
-                                threshold=self.threshold, group_size=self.group_size,
-                                implementation=self.implementation, layer_id=layer_id)
-
-    @classmethod
-    def from_deepspeed(cls, ds_config: dict[str, Any] | str | os.PathLike[str]) -> SkipLayerConfig:
-        """Read the ``skip_layer`` block of a whole DeepSpeed config (dict or JSON path); missing = disabled."""
-        ds = _load_deepspeed_config(ds_config)
-        block = ds.get(SKIP_LAYER_PATH)
-        if block is None:
-            return cls()
-        if not isinstance(block, dict):
-            raise ConfigError([ConfigIssue(SKIP_LAYER_PATH, f"expected an object, got {block!r}")])
-        return cls.model_validate(block)
-__all__ += ["SKIP_LAYER_PATH", "SkipLayerConfig"]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# HadSkip (learned per-sequence layer skipping; a top-level "hadskip" block)
-# --------------------------------------------------------------------------------------------------------------------
-
-HADSKIP_PATH = "hadskip"
-"""Dotted key path of the HadSkip block."""
-
-PositiveReal = Annotated[Real, Field(gt=0.0)]
-NonNegativeReal = Annotated[Real, Field(ge=0.0)]
-
-
-class HadSkipHomotopicConfig(_Block):
-    """``hadskip.homotopic``: budgets ``L, L-1, ..., s`` solved in turn in stage 3 (paper section 4.3)."""
-
-    _path: ClassVar[str] = HADSKIP_PATH + ".homotopic"
-
-    enabled: StrictBool = Field(True, description="Use the homotopic sequence; false = the target budget from the "
-                                "first stage-3 step (the paper's 'w/o homotopic optimization' ablation).")
-    step_on: Literal["steps", "convergence"] = Field(
-        "steps", description="When to move to the next budget: after steps_per_stage steps, or once the budget "
-        "term stayed <= tolerance for patience steps.")
-    steps_per_stage: Int | None = Field(None, ge=1, description="Optimizer steps at each budget (step_on 'steps'; "
-                                        "default: stage-3 steps spread evenly over the budgets, half the run).")
-    tolerance: PositiveReal | None = Field(None, description="Budget-term threshold (step_on 'convergence').")
-    patience: Int = Field(5, ge=1, description="Consecutive steps under tolerance before moving on (convergence).")
-    max_steps_per_stage: Int | None = Field(None, ge=1, description="Force the move after this many steps at one "
-                                            "budget (convergence mode safety net).")
-    stride: PositiveReal = Field(1.0, description="Budget decrement between problems (paper: 1 layer).")
-
-    @model_validator(mode="after")
-    def _check_mode_fields(self) -> HadSkipHomotopicConfig:
-        """tolerance belongs to convergence mode (and is required there)."""
-        if self.step_on == "convergence" and self.tolerance is None:
-            raise _FieldIssues(("tolerance", "required when step_on is 'convergence' (a positive number)"))
-        if self.step_on == "steps" and self.tolerance is not None:
-            raise _FieldIssues(("tolerance", f"{self.tolerance} is only used with step_on 'convergence'"))
-        return self
-
-
-class HadSkipStagesConfig(_Block):
-    """``hadskip.stages``: optimizer steps and learning rate of the three training stages."""
-
-    _path: ClassVar[str] = HADSKIP_PATH + ".stages"
-
-    stage1_steps: Int = Field(0, ge=0, description="Stage 1: fine-tune the backbone without gates (0 = skip it, "
-                              "e.g. when starting from a fine-tuned checkpoint).")
-    stage2_steps: Int = Field(0, ge=0, description="Stage 2: backbone frozen, gates trained without the budget.")
-    stage3_steps: Int = Field(0, ge=0, description="Stage 3: joint training with the homotopic budget and KD.")
-    stage1_lr: PositiveReal = Field(5e-5, description="Stage 1 learning rate (paper grid: 5e-6 .. 5e-5).")
-    stage2_lr: PositiveReal = Field(1e-3, description="Stage 2 learning rate (gate parameters only).")
-    stage3_lr: PositiveReal = Field(5e-5, description="Stage 3 learning rate (backbone and gates).")
-
-
-class HadSkipConfig(_Block):
-    """``hadskip``: learned per-sequence layer skipping (HadSkip, Wang et al. 2023).
-
-    Loss of stage 3: ``L_t + alpha_p L_p + alpha_h L_h + alpha_att L_att + alpha_emb L_emb + beta (mean g - k/L)^2``
-    with ``k`` the current homotopic budget.
-    """
-
-    _path: ClassVar[str] = HADSKIP_PATH
-
-    enabled: StrictBool = Field(True, description="Turn HadSkip on.")
-    budget: PositiveReal = Field(description="Target expected number of layers used per sequence, s (paper: 3/6/9 "
-                                 "of 12). Required.")
-    num_layers: Int | None = Field(None, ge=1, description="Gated layers L; checked against the model when given.")
-    beta: NonNegativeReal = Field(1.0, description="Budget penalty weight (paper: 1), in fraction-of-layers units.")
-    alpha_p: NonNegativeReal = Field(1.0, description="Weight of L_p, KL(teacher || student) on predictions.")
-    alpha_h: NonNegativeReal = Field(1.0, description="Weight of L_h, MSE of per-layer hidden states.")
-    alpha_att: NonNegativeReal = Field(1.0, description="Weight of L_att, MSE of head-averaged attention maps.")
-    alpha_emb: NonNegativeReal = Field(1.0, description="Weight of L_emb, MSE of embedding outputs.")
-    estimator: Literal["reinmax", "ste", "gumbel"] = Field("reinmax", description="Gate gradient estimator.")
-    tau: PositiveReal = Field(1.0, description="Estimator temperature (reinmax needs >= 1).")
-    gate_hidden: Int | None = Field(None, ge=1, description="Hidden width of the gate FFN (default hidden/4).")
-    pooling: Literal["mean", "first"] = Field("mean", description="Gate input pooling: masked mean or [CLS].")
-    init_keep_logit: Real = Field(2.0, description="Initial keep-minus-skip gate bias (2 -> P(keep) = 0.88).")
-    homotopic: HadSkipHomotopicConfig = Field(default_factory=HadSkipHomotopicConfig,
-                                              description="Homotopic budget schedule.")
-    stages: HadSkipStagesConfig = Field(default_factory=HadSkipStagesConfig, description="Three-stage training.")
-
-    @model_validator(mode="after")
-    def _check_budget_vs_layers(self) -> HadSkipConfig:
-        """The budget is a number of layers: at most num_layers."""
-        if self.num_layers is not None and self.budget > self.num_layers:
-            raise _FieldIssues(("budget", f"{self.budget} > num_layers {self.num_layers} (budget is in layers)"))
-        return self
-
-    @model_validator(mode="after")
-    def _check_tau(self) -> HadSkipConfig:
-        """ReinMax is defined for tau >= 1."""
-        if self.estimator == "reinmax" and self.tau < 1.0:
-            raise _FieldIssues(("tau", f"{self.tau} < 1: reinmax needs tau >= 1"))
-        return self
-
-    @classmethod
-    def from_file(cls, config: dict[str, Any] | str | os.PathLike[str]) -> HadSkipConfig:
-        """The ``hadskip`` block of a JSON file or dict (a dict without the key is taken as the block itself)."""
-        if not isinstance(config, dict):
-            with open(config) as f:
-                config = json.load(f)
-        block = config.get(HADSKIP_PATH, config) if isinstance(config, dict) else config
-        if not isinstance(block, dict):
-            raise ConfigError([ConfigIssue(HADSKIP_PATH, f"expected an object, got {block!r}")])
-        return cls.model_validate(block)
-
-
-__all__ += ["HADSKIP_PATH", "HadSkipConfig", "HadSkipHomotopicConfig", "HadSkipStagesConfig"]
