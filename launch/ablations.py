@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import random_ltd  # noqa: E402
 from launch.corpus import VOCAB_SIZE, batch_at, load_corpus  # noqa: E402
 from launch.model import GPT, GPTConfig  # noqa: E402
+from launch.stats import compare, format_comparison  # noqa: E402
 from random_ltd.config import RandomLTDConfig  # noqa: E402
 from random_ltd.schedules import planned_layer_tokens, random_ltd_budget  # noqa: E402
 
@@ -65,6 +66,17 @@ class Arm:
     def key(self) -> tuple:
         return (self.dropping, self.layer_set, self.kept, self.token_bypass, self.lr) if self.dropping else ("base",)
 
+
+# The differences each study is about (the paper's comparisons), tested over seeds when there are >= 2:
+# mean(a) - mean(b) of the final validation loss, Welch's t-test and a bootstrap interval (launch/stats.py).
+STUDY_CLAIMS: dict[str, tuple[tuple[str, str], ...]] = {
+    "tokenbypass": (("set 1: random-LTD (sandwich, const s/2)", "set 1: TokenBypass (sandwich, const s/2)"),
+                    ("set 2: random-LTD (layers 1..L-2, const s/2)", "set 2: TokenBypass (layers 1..L-2, const s/2)")),
+    "layers": (("all but first and last", "all layers"), ("all but first and last", "all but first"),
+               ("all but first and last", "all but last")),
+    "schedule": (("MSLG", "constant, equal saving"), ("MSLG", "constant, 10 points less saving")),
+    "lr": (("random-LTD, LayerToken LR", "random-LTD, iteration LR"), ("random-LTD, LayerToken LR", "baseline")),
+}
 
 BASELINE = Arm("baseline", dropping=False, lr="iteration")
 DEFAULT = Arm("random-LTD (MSLG, LayerToken LR)")
@@ -363,8 +375,11 @@ def run(studies: list[str], recipe: dict, s: Settings, seeds: list[int], out: st
                     runs[arm.key].append({"seed": seed, **result})
             rows.append({"arm": arm.name, "key": arm.key, "detail": _detail(configs[arm.key], arm),
                          **summarize(runs[arm.key])})
+        by_arm = {r["arm"]: runs[r["key"]] for r in rows}
+        tests = [compare(a, [r["final_val_loss"] for r in by_arm[a]], b, [r["final_val_loss"] for r in by_arm[b]])
+                 for a, b in STUDY_CLAIMS.get(study, ()) if len(seeds) >= 2 and a in by_arm and b in by_arm]
         report["studies"][study] = {"rows": [{k: v for k, v in r.items() if k != "key"} for r in rows],
-                                    "runs": {r["arm"]: runs[r["key"]] for r in rows}}
+                                    "runs": by_arm, "comparisons": [t.__dict__ for t in tests]}
         plot_study(study, rows, runs, os.path.join(out, f"{study}_val_loss_vs_layer_tokens.png"))
         with open(os.path.join(out, "results.md"), "w") as f:
             f.write(results_markdown(report))
@@ -380,8 +395,20 @@ def results_markdown(report: dict) -> str:
             f"seq {s['seq_length']} bytes, batch {s['batch']}, {s['steps']} steps, seeds {report['seeds']}; "
             f"validation: {s['eval_iters']} batches of {s['batch']} held-out sequences. Train wall time excludes "
             f"evaluation.\n\n")
-    return head + "\n".join(markdown_table(study, [{**r, "key": None} for r in v["rows"]])
-                            for study, v in report["studies"].items())
+    parts = []
+    for study, v in report["studies"].items():
+        parts.append(markdown_table(study, [{**r, "key": None} for r in v["rows"]]))
+        tests = v.get("comparisons", [])
+        if tests:
+            from launch.stats import Comparison
+
+            parts.append("Final val loss differences, Welch's t-test (two-sided) and 95% bootstrap interval over "
+                         "seeds:\n\n| difference | mean | 95% CI | Welch t (df) | p | verdict |\n"
+                         "|---|---|---|---|---|---|\n" + "\n".join(format_comparison(Comparison(**t)) for t in tests)
+                         + "\n")
+        elif len(report["seeds"]) < 2:
+            parts.append("(one seed: no tests)\n")
+    return head + "\n".join(parts)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
