@@ -12,6 +12,7 @@ to use:
 """
 
 from random_ltd.config.common import (
+    MAX_LAYERS,
     RANDOM_LTD_PATH,
     ConfigError,
     ConfigIssue,
@@ -19,6 +20,9 @@ from random_ltd.config.common import (
     KeepRatio,
     LayerKey,
     Real,
+    Seed,
+    load_deepspeed_config,
+    read_config_file,
 )
 from random_ltd.config.hadskip import (
     HADSKIP_PATH,
@@ -67,8 +71,11 @@ __all__ = [
     "HadSkipConfig",
     "HadSkipHomotopicConfig",
     "HadSkipStagesConfig",
+    "MAX_LAYERS",
+    "load_deepspeed_config",
+    "read_config_file",
 ]
 
 # Public names that were module attributes before the split (not in __all__, still importable).
-_ALSO_EXPORTED = (Int, KeepRatio, LayerKey, Real, NonNegativeReal, PositiveReal, LAYER_TOKEN_LR_SCHEDULER_TYPE,
+_ALSO_EXPORTED = (Int, KeepRatio, LayerKey, Real, Seed, NonNegativeReal, PositiveReal, LAYER_TOKEN_LR_SCHEDULER_TYPE,
                   SCHEDULER_PARAMS_PATH, DecayType, WarmupType, ScheduleType)

@@ -6,18 +6,24 @@ reported the same way everywhere: a :class:`ConfigError` whose message holds the
 
 from __future__ import annotations
 
+import base64
+import binascii
+import collections
 import contextlib
 import contextvars
-import json
+import difflib
 import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
+import hjson
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-__all__ = ["RANDOM_LTD_PATH", "ConfigError", "ConfigIssue"]
+from random_ltd.seeds import SEED_MAX, SEED_MIN, check_seed
+
+__all__ = ["MAX_LAYERS", "RANDOM_LTD_PATH", "ConfigError", "ConfigIssue", "load_deepspeed_config", "read_config_file"]
 
 RANDOM_LTD_PATH = "data_efficiency.data_routing.random_ltd"
 """Dotted key path of the random-LTD block inside a DeepSpeed config."""
@@ -137,7 +143,32 @@ def _as_real(value: Any) -> Any:
     return float(value)
 
 
+def _as_seed(value: Any) -> int:
+    """A sampling seed outside a model field: an integer in [0, 2**63 - 1] (``random_ltd.seeds``)."""
+    return check_seed(_as_int(value))
+
+
+MAX_LAYERS = 2**16
+"""Upper bound of every layer count and layer id (``total_layer_num``, ``num_layers``, ids): far above any real
+model (GPT-3 175B has 96 layers), small enough that default layer lists and their checks stay cheap, and, times up
+to 2**16 sequence-parallel shards, inside the sampler's 32-bit layer counter."""
+
+
+def _duplicates(values: list[int]) -> list[int]:
+    """The values given more than once, sorted (linear time: configs may list many layers)."""
+    return sorted(value for value, n in collections.Counter(values).items() if n > 1)
+
+
+def _brief(values: list[int], limit: int = 16) -> str:
+    """A list for an error message, shortened when long."""
+    if len(values) <= limit:
+        return str(values)
+    return f"[{', '.join(map(str, values[:limit]))}, ...] ({len(values)} values)"
+
+
 Int = Annotated[int, BeforeValidator(_as_int)]
+Seed = Annotated[Int, Field(ge=SEED_MIN, le=SEED_MAX)]
+"""A sampling seed in [0, 2**63 - 1] (``random_ltd.seeds``): larger ones would alias smaller ones."""
 LayerKey = Annotated[int, BeforeValidator(_as_layer_key)]
 Real = Annotated[float, BeforeValidator(_as_real)]
 KeepRatio = Annotated[Real, Field(gt=0.0, le=1.0)]
@@ -201,7 +232,9 @@ class _Block(BaseModel):
             problems = []
             for key in data:
                 if key not in cls.model_fields:
-                    hint = f" ({_KEY_HINTS[key]})" if key in _KEY_HINTS else ""
+                    close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.8)
+                    hint = f" ({_KEY_HINTS[key]})" if key in _KEY_HINTS else \
+                        f" (did you mean {close[0]!r}?)" if close else ""
                     problems.append((str(key), f"unknown key {key!r}{hint}; allowed keys: {', '.join(allowed)}"))
             if problems:
                 raise _FieldIssues(*problems)
@@ -213,18 +246,105 @@ class _Block(BaseModel):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _load_deepspeed_config(ds_config: dict[str, Any] | str | os.PathLike[str]) -> dict[str, Any]:
-    """A DeepSpeed config as a dict: given as a dict, or read from a JSON file."""
-    if isinstance(ds_config, (str, os.PathLike)):
-        path = os.fspath(ds_config)
-        with open(path, encoding="utf-8") as fh:
-            try:
-                ds_config = json.load(fh)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(ds_config, dict):
-        raise ConfigError(f"a DeepSpeed config must be a JSON object / dict, got {type(ds_config).__name__}")
-    return ds_config
+def read_config_file(path: str | os.PathLike[str]) -> Any:
+    """Parse a config file the way ``deepspeed.initialize`` does: Hjson (JSON plus ``//``, ``#`` and ``/* */``
+    comments, optional commas and quotes), and a key given twice in one object is an error (DeepSpeed raises
+    "Duplicate keys in DeepSpeed config"; plain ``json.load`` would silently keep the last one).
+
+    Raises:
+        ConfigError: naming the file: missing, a directory, unreadable, not UTF-8, not valid JSON/Hjson, or with
+            duplicate keys (each named by its dotted key path).
+    """
+    name = os.fspath(path)
+    try:
+        with open(name, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{name}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{name}: is a directory, expected a JSON config file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name}: not a UTF-8 text file (byte {exc.start}: {exc.reason}); expected a JSON "
+                          f"config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read the config file ({exc.strerror or exc})") from None
+    return _parse_config_text(text, name)
+
+
+def _parse_config_text(text: str, source: str) -> Any:
+    """Hjson text -> plain dicts/lists; duplicate keys are a ConfigError naming ``source`` and each key path."""
+    try:
+        parsed = hjson.loads(text, object_pairs_hook=_ParsedObject.from_pairs)
+    except hjson.HjsonDecodeError as exc:
+        raise ConfigError(f"{source}: not valid JSON ({exc})") from None
+    issues: list[ConfigIssue] = []
+    plain = _plain(parsed, "", issues, source)
+    if issues:
+        raise ConfigError(issues)
+    return plain
+
+
+class _ParsedObject(dict):
+    """A parsed JSON object that remembers which of its keys were given more than once."""
+
+    duplicates: dict[str, int]
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[str, Any]]) -> _ParsedObject:
+        obj = cls(pairs)
+        obj.duplicates = {}
+        if len(obj) != len(pairs):
+            counts = collections.Counter(key for key, _ in pairs)
+            obj.duplicates = {key: n for key, n in counts.items() if n > 1}
+        return obj
+
+
+def _plain(value: Any, path: str, issues: list[ConfigIssue], source: str) -> Any:
+    """Convert parsed objects to plain dicts, collecting one issue per duplicated key (with its dotted path)."""
+    if isinstance(value, _ParsedObject):
+        for key, n in value.duplicates.items():
+            issues.append(ConfigIssue(_join_path(path, [key]), f"given {n} times in one object of {source}; a key may "
+                                      f"appear once (deepspeed.initialize rejects duplicate keys)"))
+        return {key: _plain(v, _join_path(path, [key]), issues, source) for key, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v, f"{path}[{i}]", issues, source) for i, v in enumerate(value)]
+    return value
+
+
+def load_deepspeed_config(config: dict[str, Any] | str | os.PathLike[str]) -> dict[str, Any]:
+    """A whole DeepSpeed config as a dict: a dict as given, or a file read like DeepSpeed does.
+
+    A string that names no file is, as in DeepSpeed, tried as a base64-encoded config (``--deepspeed_config`` may
+    carry one); see :func:`read_config_file` for what a file may hold.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, has duplicate keys, or the config is not a JSON object.
+    """
+    if isinstance(config, (str, os.PathLike)):
+        name = os.fspath(config)
+        decoded = _base64_config(name) if isinstance(config, str) and not os.path.exists(name) else None
+        config = decoded if decoded is not None else read_config_file(name)
+        source = name
+    else:
+        source = "the DeepSpeed config"
+    if not isinstance(config, dict):
+        raise ConfigError(f"{source}: a DeepSpeed config must be a JSON object / dict, got {type(config).__name__}")
+    return config
+
+
+def _base64_config(text: str) -> dict[str, Any] | None:
+    """The config a base64 string encodes (DeepSpeed accepts these in place of a path), or None if it is not one."""
+    try:
+        decoded = base64.urlsafe_b64decode(text).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+    try:
+        parsed = hjson.loads(decoded, object_pairs_hook=_ParsedObject.from_pairs)
+    except hjson.HjsonDecodeError:
+        return None
+    if not isinstance(parsed, dict):
+        return None
+    return _parse_config_text(decoded, "the base64-encoded DeepSpeed config")
 
 
 def _sub_block(parent: dict[str, Any], key: str, parent_path: str) -> dict[str, Any]:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, StrictBool, model_validator
 
-from random_ltd.config.common import ConfigError, ConfigIssue, Int, Real, _Block, _FieldIssues
+from random_ltd.config.common import (
+    MAX_LAYERS,
+    ConfigError,
+    ConfigIssue,
+    Int,
+    Real,
+    _Block,
+    _FieldIssues,
+    read_config_file,
+)
 
 __all__ = ["HADSKIP_PATH", "HadSkipConfig", "HadSkipHomotopicConfig", "HadSkipStagesConfig"]
 
@@ -95,7 +103,8 @@ class HadSkipConfig(_Block):
     enabled: StrictBool = Field(True, description="Turn HadSkip on.")
     budget: PositiveReal = Field(description="Target expected number of layers used per sequence, s (paper: 3/6/9 "
                                  "of 12). Required.")
-    num_layers: Int | None = Field(None, ge=1, description="Gated layers L; checked against the model when given.")
+    num_layers: Int | None = Field(None, ge=1, le=MAX_LAYERS, description="Gated layers L; checked against the model "
+                                   "when given.")
     beta: NonNegativeReal = Field(1.0, description="Budget penalty weight (paper: 1); its unit is beta_unit.")
     beta_unit: Literal["layers", "fraction"] = Field(
         "layers", description="'layers' (default): beta (mean layers used - k)^2, one layer of overshoot costs beta, "
@@ -130,10 +139,16 @@ class HadSkipConfig(_Block):
 
     @classmethod
     def from_file(cls, config: dict[str, Any] | str | os.PathLike[str]) -> HadSkipConfig:
-        """The ``hadskip`` block of a JSON file or dict (a dict without the key is taken as the block itself)."""
+        """The ``hadskip`` block of a JSON file or dict (a dict without the key is taken as the block itself).
+
+        A file is read like a DeepSpeed config (:func:`~random_ltd.config.common.read_config_file`): Hjson comments
+        are fine, duplicate keys and unreadable files are a ConfigError naming the file.
+        """
         if not isinstance(config, dict):
-            with open(config) as f:
-                config = json.load(f)
+            name = os.fspath(config)
+            config = read_config_file(name)
+            if not isinstance(config, dict):
+                raise ConfigError(f"{name}: expected a JSON object, got {type(config).__name__}")
         block = config.get(HADSKIP_PATH, config) if isinstance(config, dict) else config
         if not isinstance(block, dict):
             raise ConfigError([ConfigIssue(HADSKIP_PATH, f"expected an object, got {block!r}")])

@@ -14,6 +14,13 @@ A config written for DeepSpeed's random-LTD loads unchanged. Differences from De
   ``random_ltd.enabled``; when the flags disagree we disable random-LTD and warn.
 * Unknown keys are errors (DeepSpeed silently ignores typos such as ``require_step``). The keys DeepSpeed's engine
   injects into its own parsed copy (``global_batch_size``, ``micro_batch_size``) are not user keys and are rejected.
+  The same holds in the two parents (``data_efficiency``: enabled, seed, data_sampling, data_routing;
+  ``data_routing``: enabled, random_ltd), and a top-level key that looks like a misspelled or misplaced path segment
+  (``data_efficency``, ``random-ltd``) is an error while the real one is missing: it would switch random-LTD off.
+* Files are read as ``deepspeed.initialize`` reads them (Hjson comments allowed, duplicate keys rejected); an
+  unreadable file is a ConfigError naming it.
+* ``seed`` is in ``[0, 2**63 - 1]`` (``random_ltd.seeds``) and ``total_layer_num`` at most ``MAX_LAYERS`` (2**16).
+* Without its own ``lr``, LayerToken LR's ``min_lr`` must not exceed ``optimizer.params.lr`` when the config has one.
 * When the block is disabled (by its own flag or a parent's) nothing else is required, but whatever is present is
   still type-checked.
 * ``fixed_linear`` with ``min_value < seq_per_step`` is rejected (DeepSpeed's round-down would keep 0 tokens), and
@@ -31,8 +38,9 @@ Key (relative to ``...random_ltd``)                     Meaning
                                                         the full ``max_value`` is kept (paper GPT recipe: 210e9).
 ``layer_keep_ratios``                                   ``{layer_id: ratio in (0, 1]}``: that layer keeps
                                                         ``max(1, floor(ratio * scheduled_kept))`` tokens.
-``seed``                                                Base seed for index sampling (default ``data_efficiency.seed``
-                                                        if given, else 1234, DeepSpeed's data-efficiency default).
+``seed``                                                Base seed for index sampling, in ``[0, 2**63 - 1]`` (default
+                                                        ``data_efficiency.seed`` if given, else 1234, DeepSpeed's
+                                                        data-efficiency default).
 ``layer_token_lr_schedule.decay_type``                  ``"cosine"`` (default), ``"linear"`` or ``"constant"``.
 ``layer_token_lr_schedule.min_lr``                      LR reached at ``total_layer_tokens`` (default 0).
 top-level ``scheduler`` with ``"type": "LayerTokenLR"``  The same LayerToken LR fields (+ optional peak ``lr``) in its
@@ -47,6 +55,8 @@ Defaults where DeepSpeed has none follow the paper: ``min_value`` 128, ``seq_per
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 import warnings
 from typing import Any, ClassVar, Literal
@@ -54,6 +64,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, StrictBool, StrictStr, model_validator
 
 from random_ltd.config.common import (
+    MAX_LAYERS,
     RANDOM_LTD_PATH,
     ConfigError,
     ConfigIssue,
@@ -61,12 +72,16 @@ from random_ltd.config.common import (
     KeepRatio,
     LayerKey,
     Real,
+    Seed,
     _as_int,
+    _as_seed,
     _Block,
+    _brief,
+    _duplicates,
     _FieldIssues,
     _flag,
-    _load_deepspeed_config,
     _sub_block,
+    load_deepspeed_config,
 )
 from random_ltd.config.layer_token_lr import (
     LAYER_TOKEN_LR_SCHEDULER_TYPE,
@@ -91,12 +106,25 @@ _DATA_EFFICIENCY_ENABLED_DEFAULT = False
 _DATA_ROUTING_ENABLED_DEFAULT = False
 _DATA_EFFICIENCY_SEED_DEFAULT = 1234
 
+#: Keys DeepSpeed 0.19.8 reads in the two parents of the random-LTD block (data_pipeline/constants.py and config.py);
+#: anything else there is a typo that DeepSpeed ignores. ``data_sampling``'s contents (curriculum_learning,
+#: dynamic_batching, ...) belong to DeepSpeed and are not checked here.
+_PARENT_KEYS: dict[str, tuple[str, ...]] = {
+    "data_efficiency": ("enabled", "seed", "data_sampling", "data_routing"),
+    "data_efficiency.data_routing": ("enabled", "random_ltd"),
+}
+#: Where each segment of the random-LTD path lives, to name the right place for a misspelled or misplaced block.
+_SEGMENT_HOME = {"data_efficiency": "data_efficiency", "data_routing": "data_efficiency.data_routing",
+                 "random_ltd": RANDOM_LTD_PATH}
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # random_ltd_schedule
 # --------------------------------------------------------------------------------------------------------------------
 
 ScheduleType = Literal["fixed_linear", "fixed_linear_tokens", "constant"]
+HiddenStateOrder = Literal["seq_batch_dim", "batch_seq_dim"]
+"""``hidden_state_order``: ``[s, b, h]`` (Megatron) or ``[b, s, h]`` (HF)."""
 
 
 class ScheduleParams(_Block):
@@ -207,7 +235,9 @@ class RandomLTDConfig(_Block):
 
     enabled: StrictBool = Field(False, description="Turn random-LTD on (DeepSpeed key; default false).")
     total_layer_num: Int | None = Field(
-        None, ge=1, description="L, number of transformer layers in the model (DeepSpeed key). Required when enabled."
+        None, ge=1, le=MAX_LAYERS,
+        description=f"L, number of transformer layers in the model, at most {MAX_LAYERS} (DeepSpeed key). Required "
+        "when enabled.",
     )
     random_ltd_layer_num: Int | None = Field(
         None,
@@ -226,7 +256,7 @@ class RandomLTDConfig(_Block):
     model_type: Literal["decoder", "encoder"] = Field(
         "decoder", description="'decoder' (causal, GPT) or 'encoder' (bidirectional, BERT/ViT) (DeepSpeed key)."
     )
-    hidden_state_order: Literal["seq_batch_dim", "batch_seq_dim"] = Field(
+    hidden_state_order: HiddenStateOrder = Field(
         "batch_seq_dim",
         description="Layout of hidden states: 'seq_batch_dim' [S, B, H] (Megatron) or 'batch_seq_dim' [B, S, H] "
         "(HF) (DeepSpeed key; DeepSpeed has no default, ours is PyTorch/HF's).",
@@ -244,11 +274,11 @@ class RandomLTDConfig(_Block):
         "tokens instead of the shared count (the paper's 'same ratio for all layers' limitation). Keys must be in "
         "random_ltd_layer_id.",
     )
-    seed: Int = Field(
+    seed: Seed = Field(
         _DATA_EFFICIENCY_SEED_DEFAULT,
-        ge=0,
-        description="Extension: base seed for token-index sampling; from_deepspeed defaults it to "
-        "data_efficiency.seed (DeepSpeed's key, default 1234).",
+        description="Extension: base seed for token-index sampling, an integer in [0, 2**63 - 1] (larger ones "
+        "would alias smaller ones); from_deepspeed defaults it to data_efficiency.seed (DeepSpeed's key, default "
+        "1234).",
     )
     layer_set: LayerSet | None = Field(
         None,
@@ -274,6 +304,8 @@ class RandomLTDConfig(_Block):
             num_layers = _as_int(data.get("total_layer_num"))
         except ValueError:
             num_layers = None  # missing or malformed: reported by field validation
+        if num_layers is not None and not 1 <= num_layers <= MAX_LAYERS:
+            return data  # out of range: reported by field validation, and no default list of that size is built
         data = _resolve_layer_set(data, num_layers)
         if data.get("random_ltd_layer_id") is None and num_layers is not None and num_layers >= 3:
             data["random_ltd_layer_id"] = list(range(1, num_layers - 1))
@@ -318,19 +350,17 @@ class RandomLTDConfig(_Block):
         if ids is None:
             return self
         problems = []
-        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        duplicates = _duplicates(ids)
         if duplicates:
-            problems.append(("random_ltd_layer_id", f"duplicate layer ids {duplicates} in {ids} (must be unique)"))
+            problems.append(("random_ltd_layer_id", f"duplicate layer ids {_brief(duplicates)} in {_brief(ids)} "
+                             "(must be unique)"))
         num_layers = self.total_layer_num
-        if num_layers is not None:
-            outside = [i for i in ids if not 0 <= i < num_layers]
-            if outside:
-                problems.append(
-                    (
-                        "random_ltd_layer_id",
-                        f"layer ids {outside} outside [0, {num_layers}) (total_layer_num is {num_layers})",
-                    )
-                )
+        high = num_layers if num_layers is not None else MAX_LAYERS
+        outside = [i for i in ids if not 0 <= i < high]
+        if outside:
+            why = f"total_layer_num is {num_layers}" if num_layers is not None else \
+                f"at most MAX_LAYERS = {MAX_LAYERS} layers"
+            problems.append(("random_ltd_layer_id", f"layer ids {_brief(outside)} outside [0, {high}) ({why})"))
         if problems:
             raise _FieldIssues(*problems)
         return self
@@ -406,10 +436,17 @@ class RandomLTDConfig(_Block):
 
         A missing block gives a disabled config. ``enabled`` is true only if ``data_efficiency.enabled``,
         ``data_efficiency.data_routing.enabled`` and ``random_ltd.enabled`` all are (DeepSpeed defaults: false).
+
+        Raises:
+            ConfigError: an invalid block; an unknown key in ``data_efficiency`` or ``data_efficiency.data_routing``
+                (DeepSpeed ignores those); a top-level key that looks like a misspelled or misplaced segment of
+                the random-LTD path (``data_efficency``, ``random-ltd``) while the real one is missing, which would
+                otherwise switch random-LTD off without a word.
         """
-        ds = _load_deepspeed_config(ds_config)
+        ds = load_deepspeed_config(ds_config)
         data_efficiency = _sub_block(ds, "data_efficiency", "")
         data_routing = _sub_block(data_efficiency, "data_routing", "data_efficiency")
+        _check_block_names(ds, data_efficiency, data_routing)
         de_on = _flag(data_efficiency, "data_efficiency", _DATA_EFFICIENCY_ENABLED_DEFAULT)
         dr_on = _flag(data_routing, "data_efficiency.data_routing", _DATA_ROUTING_ENABLED_DEFAULT)
         block = data_routing.get("random_ltd")
@@ -420,7 +457,7 @@ class RandomLTDConfig(_Block):
         if "seed" not in block and "seed" in data_efficiency:
             seed = data_efficiency["seed"]
             try:
-                block = {**block, "seed": _as_int(seed)}
+                block = {**block, "seed": _as_seed(seed)}
             except ValueError as exc:
                 raise ConfigError([ConfigIssue("data_efficiency.seed", str(exc))]) from None
         if block.get("enabled") is True and not (de_on and dr_on):
@@ -436,6 +473,42 @@ class RandomLTDConfig(_Block):
         return cls.model_validate(block)
 
 
+def _near(key: Any, names: tuple[str, ...]) -> str | None:
+    """The name in ``names`` that ``key`` most likely misspells (case, '-' for '_', a letter or two), or None."""
+    norm = str(key).strip().lower().replace("-", "_").replace(" ", "_")
+    match = difflib.get_close_matches(norm, names, n=1, cutoff=0.8)
+    return match[0] if match else None
+
+
+def _check_block_names(ds: dict[str, Any], data_efficiency: dict[str, Any], data_routing: dict[str, Any]) -> None:
+    """Refuse names that would silently switch random-LTD off: typos of the path segments and unknown parent keys."""
+    segments = tuple(_SEGMENT_HOME)
+    present = {"data_efficiency": "data_efficiency" in ds, "data_routing": "data_routing" in data_efficiency,
+               "random_ltd": "random_ltd" in data_routing}
+    issues = []
+    for key in ds:
+        name = None if key == "data_efficiency" else _near(key, segments)
+        if name is not None and not present[name]:
+            issues.append(ConfigIssue(str(key), f"unknown top-level key {key!r} looks like {name!r}, whose place "
+                                      f"{_SEGMENT_HOME[name]} is missing: as written random-LTD is off (DeepSpeed "
+                                      f"ignores the key); rename or move it"))
+    for path, parent in (("data_efficiency", data_efficiency), ("data_efficiency.data_routing", data_routing)):
+        allowed = _PARENT_KEYS[path]
+        for key in parent:
+            if key in allowed:
+                continue
+            name = _near(key, allowed + segments)
+            if name in allowed:
+                hint = f" (did you mean {name!r}?)"
+            elif name is not None:
+                hint = f" ({name!r} belongs at {_SEGMENT_HOME[name]})"
+            else:
+                hint = ""
+            issues.append(ConfigIssue(f"{path}.{key}", f"unknown key {key!r}{hint}; DeepSpeed reads only "
+                                      f"{', '.join(allowed)} here"))
+    if issues:
+        raise ConfigError(issues)
+
 
 def layer_token_lr_config_from_deepspeed(
     ds_config: dict[str, Any] | str | os.PathLike[str],
@@ -446,7 +519,7 @@ def layer_token_lr_config_from_deepspeed(
     ``data_efficiency.data_routing.random_ltd.layer_token_lr_schedule`` (counted only while random-LTD itself is
     enabled, as in DeepSpeed). Enabling both is an error naming both paths.
     """
-    ds = _load_deepspeed_config(ds_config)
+    ds = load_deepspeed_config(ds_config)
     from_scheduler: LayerTokenLRConfig | None = None
     scheduler = ds.get("scheduler")
     if isinstance(scheduler, dict) and scheduler.get("type") == LAYER_TOKEN_LR_SCHEDULER_TYPE:
@@ -483,8 +556,28 @@ def layer_token_lr_config_from_deepspeed(
                 )
             ]
         )
-    return from_scheduler if from_scheduler is not None else from_block
+    if from_scheduler is not None:
+        _check_min_lr_vs_optimizer(ds, from_scheduler, SCHEDULER_PARAMS_PATH)
+        return from_scheduler
+    if from_block is not None:
+        _check_min_lr_vs_optimizer(ds, from_block, f"{RANDOM_LTD_PATH}.layer_token_lr_schedule")
+    return from_block
 
+
+def _check_min_lr_vs_optimizer(ds: dict[str, Any], config: LayerTokenLRConfig, path: str) -> None:
+    """Without its own ``lr`` the schedule decays from the optimizer's LR: ``min_lr`` above it fails only later,
+    inside ``initialize``, so check it here when the DeepSpeed config has an ``optimizer.params.lr``."""
+    if config.lr is not None or config.decay_type == "constant":
+        return  # the peak is the schedule's own lr (checked by the model), or min_lr is unused
+    optimizer = ds.get("optimizer")
+    params = optimizer.get("params") if isinstance(optimizer, dict) else None
+    lr = params.get("lr") if isinstance(params, dict) else None
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
+        return  # absent, "auto" (HF) or malformed: DeepSpeed reports its own block
+    if config.min_lr > lr:
+        raise ConfigError([ConfigIssue(f"{path}.min_lr", f"{config.min_lr} > optimizer.params.lr {lr}: LayerToken LR "
+                                       "decays from the optimizer's lr (the peak) down to min_lr, so min_lr must be "
+                                       "<= it")])
 
 
 # --------------------------------------------------------------------------------------------------------------------

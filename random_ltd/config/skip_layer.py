@@ -7,7 +7,18 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, StrictBool, model_validator
 
-from random_ltd.config.common import ConfigError, ConfigIssue, Int, Real, _Block, _FieldIssues, _load_deepspeed_config
+from random_ltd.config.common import (
+    MAX_LAYERS,
+    ConfigError,
+    ConfigIssue,
+    Int,
+    Real,
+    _Block,
+    _brief,
+    _duplicates,
+    _FieldIssues,
+    load_deepspeed_config,
+)
 
 __all__ = ["SKIP_LAYER_PATH", "SkipLayerConfig"]
 
@@ -77,17 +88,20 @@ class SkipLayerConfig(_Block):
 
     @model_validator(mode="after")
     def _check_layers(self) -> SkipLayerConfig:
-        """Layer indices must be unique and >= 0 (the upper bound is checked against the model when converting)."""
+        """Layer indices must be unique and in [0, MAX_LAYERS) (the model's own bound is checked when converting)."""
         ids = self.layers
         if ids is None:
             return self
         problems = []
-        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        duplicates = _duplicates(ids)
         if duplicates:
-            problems.append(("layers", f"duplicate layer ids {duplicates} in {ids} (must be unique)"))
+            problems.append(("layers", f"duplicate layer ids {_brief(duplicates)} in {_brief(ids)} (must be unique)"))
         negative = [i for i in ids if i < 0]
         if negative:
-            problems.append(("layers", f"layer ids {negative} are negative (must be >= 0)"))
+            problems.append(("layers", f"layer ids {_brief(negative)} are negative (must be >= 0)"))
+        too_high = [i for i in ids if i >= MAX_LAYERS]
+        if too_high:
+            problems.append(("layers", f"layer ids {_brief(too_high)} >= MAX_LAYERS {MAX_LAYERS}"))
         if problems:
             raise _FieldIssues(*problems)
         return self
@@ -116,7 +130,7 @@ class SkipLayerConfig(_Block):
     @classmethod
     def from_deepspeed(cls, ds_config: dict[str, Any] | str | os.PathLike[str]) -> SkipLayerConfig:
         """Read the ``skip_layer`` block of a whole DeepSpeed config (dict or JSON path); missing = disabled."""
-        ds = _load_deepspeed_config(ds_config)
+        ds = load_deepspeed_config(ds_config)
         block = ds.get(SKIP_LAYER_PATH)
         if block is None:
             return cls()
