@@ -17,7 +17,6 @@ def test_claims_name_arms_of_their_study(study: str) -> None:
 
 
 def test_results_markdown_prints_the_tests() -> None:
-    pytest.importorskip("scipy.stats")
     settings = {"num_layers": 8, "hidden_size": 128, "num_attention_heads": 4, "seq_length": 128, "batch": 16,
                 "steps": 200, "eval_iters": 4}
     row = {"arm": "x", "detail": "d", "final_val_loss": 1.8, "final_val_loss_std": 0.01, "perplexity": 6.0,

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from launch.stats import bootstrap_ci, compare, format_comparison, mean_std, welch_t
+from launch.stats import bootstrap_ci, compare, format_comparison, mean_std, student_t_two_sided_p, welch_t
 
 
 def test_mean_std_is_the_sample_std() -> None:
@@ -41,6 +41,20 @@ def test_welch_matches_scipy_and_a_hand_computation() -> None:
         welch_t([1.0], [1.0, 2.0])
 
 
+def test_student_t_p_values() -> None:
+    # exact cases: df = 1 is Cauchy, p = 1 - 2 atan(|t|) / pi; df = 2: p = 1 - |t| / sqrt(2 + t^2)
+    for t in (0.0, 0.3, 1.0, 2.5, 12.0):
+        assert student_t_two_sided_p(t, 1.0) == pytest.approx(1 - 2 * math.atan(t) / math.pi, rel=1e-10, abs=1e-14)
+        assert student_t_two_sided_p(-t, 2.0) == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-10, abs=1e-14)
+    assert student_t_two_sided_p(1.959963984540054, 1e7) == pytest.approx(0.05, rel=1e-5)  # -> normal
+    assert student_t_two_sided_p(math.inf, 3.0) == 0.0
+    with pytest.raises(ValueError, match="df must be > 0"):
+        student_t_two_sided_p(1.0, 0.0)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for t, df in ((0.5, 2.3), (3.1, 3.7), (-8.0, 4.0), (1.2, 30.5)):
+        assert student_t_two_sided_p(t, df) == pytest.approx(2 * scipy_stats.t.sf(abs(t), df), rel=1e-9)
+
+
 def test_bootstrap_interval_contains_the_difference_and_is_seeded() -> None:
     a, b = [1.70, 1.71, 1.695], [1.82, 1.835, 1.81]
     lo, hi = bootstrap_ci(a, b)
@@ -54,7 +68,6 @@ def test_bootstrap_interval_contains_the_difference_and_is_seeded() -> None:
 
 
 def test_compare_and_its_verdict() -> None:
-    pytest.importorskip("scipy.stats")
     clear = compare("budget", [1.70, 1.71, 1.695], "baseline", [1.82, 1.835, 1.81])
     assert clear.significant and clear.diff == pytest.approx(-0.12, abs=0.01)
     row = format_comparison(clear)
