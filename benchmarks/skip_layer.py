@@ -267,6 +267,43 @@ def _comparisons(runs: dict[str, list[dict]]) -> list:
     return tests
 
 
+def markdown(result: dict) -> str:
+    """table.md from results.json's content (quality over seeds, the tests, and the timings when run)."""
+    cfg, rows, runs = result["config"], result["quality"], result.get("runs", {})
+    n, first = cfg["seeds"], cfg["seed"]
+    lines = [f"Device: {result['device']} (torch {result['torch']}). Command: `{result['command']}`", "",
+             f"Final validation NLL (nats/byte), mean ± std over {n} seed(s) ({first}..{first + n - 1}); "
+             "argmax = eval routing (Algorithm 2), sampled = training-style Gumbel sampling at noise 1. Layers per "
+             "validation token under each routing: mean ± std, and per seed.", "",
+             "| arm | layers | params | val NLL argmax | val NLL sampled | train layer-tokens | vs dense-L | "
+             "eval layers/token argmax | per seed | sampled |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        per_seed = ", ".join(f"{x['eval_layer_tokens_per_token']:.2f}" for x in runs.get(r["arm"], []))
+        lines.append(f"| {r['arm']} | {r['layers']} | {r['params']:,} | {r['val_nll']:.4f} ± {r['val_nll_std']:.4f} | "
+                     f"{r['val_nll_sampled']:.4f} ± {r['val_nll_sampled_std']:.4f} | {r['train_layer_tokens']:,} | "
+                     f"{r['train_layer_tokens_vs_dense_L']:.3f} | {r['eval_layer_tokens_per_token']:.2f} ± "
+                     f"{r['eval_layer_tokens_per_token_std']:.2f} | {per_seed} | "
+                     f"{r['eval_layer_tokens_per_token_sampled']:.2f} |")
+    tests = result.get("comparisons", [])
+    if tests:
+        from launch.stats import Comparison
+
+        lines += ["", "Differences of mean val NLL (argmax eval unless marked), Welch t-test (two-sided) and 95% "
+                  "percentile bootstrap interval over seeds:", "",
+                  "| difference | mean | 95% CI | Welch t (df) | p | verdict |", "|---|---|---|---|---|---|"]
+        lines += [format_comparison(Comparison(**t)) for t in tests]
+    steps, decode = result.get("step_time", []), result.get("decode", {})
+    if steps:
+        lines += ["", "| P | efficient step (ms) | dense masked step (ms) | dense / efficient |", "|---|---|---|---|"]
+        lines += [f"| {s['P']} | {s['efficient_ms']:.1f} | {s['dense_ms']:.1f} | {s['dense_over_efficient']:.2f} |"
+                  for s in steps]
+    if decode:
+        lines += ["", "| model | decode ms/token | layers run per token |", "|---|---|---|"]
+        lines += [f"| {k} | {v['ms_per_token']:.2f} | {v['layers_per_token']:.2f} |" for k, v in decode.items()]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -335,32 +372,9 @@ def main() -> None:
               "quality": rows, "runs": runs, "comparisons": [t.__dict__ for t in tests], "step_time": steps,
               "decode": decode}
     (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    n = args.seeds
-    lines = [f"Device: {result['device']} (torch {torch.__version__}). Command: `{result['command']}`", "",
-             f"Final validation NLL (nats/byte), mean ± std over {n} seed(s) ({first_seed}..{first_seed + n - 1}); "
-             "argmax = eval routing (Algorithm 2), sampled = training-style Gumbel sampling at noise 1.", "",
-             "| arm | layers | params | val NLL argmax | val NLL sampled | train layer-tokens | vs dense-L | "
-             "eval layers/token argmax | sampled |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['arm']} | {r['layers']} | {r['params']:,} | {r['val_nll']:.4f} ± {r['val_nll_std']:.4f} | "
-                     f"{r['val_nll_sampled']:.4f} ± {r['val_nll_sampled_std']:.4f} | {r['train_layer_tokens']:,} | "
-                     f"{r['train_layer_tokens_vs_dense_L']:.3f} | {r['eval_layer_tokens_per_token']:.2f} | "
-                     f"{r['eval_layer_tokens_per_token_sampled']:.2f} |")
-    if tests:
-        lines += ["", "Differences of mean val NLL (argmax eval unless marked), Welch t-test (two-sided) and 95% "
-                  "percentile bootstrap interval over seeds:", "",
-                  "| difference | mean | 95% CI | Welch t (df) | p | verdict |", "|---|---|---|---|---|---|"]
-        lines += [format_comparison(t) for t in tests]
-    if steps:
-        lines += ["", "| P | efficient step (ms) | dense masked step (ms) | dense / efficient |", "|---|---|---|---|"]
-        lines += [f"| {s['P']} | {s['efficient_ms']:.1f} | {s['dense_ms']:.1f} | {s['dense_over_efficient']:.2f} |"
-                  for s in steps]
-    if decode:
-        lines += ["", "| model | decode ms/token | layers run per token |", "|---|---|---|"]
-        lines += [f"| {k} | {v['ms_per_token']:.2f} | {v['layers_per_token']:.2f} |" for k, v in decode.items()]
-    (args.out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = markdown(result)
+    (args.out / "table.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
