@@ -626,12 +626,10 @@ def test_layer_ids_bounded_without_total_layer_num() -> None:
         RandomLTDConfig.model_validate({"random_ltd_layer_id": [-1, 2]})
 
 
-def test_skip_layer_and_hadskip_layer_bounds() -> None:
-    from random_ltd.config import HadSkipConfig, SkipLayerConfig
+def test_skip_layer_layer_bounds() -> None:
+    from random_ltd.config import SkipLayerConfig
 
     with pytest.raises(ConfigError, match=r"^skip_layer\.layers: layer ids \[65536\] >= MAX_LAYERS"):
         SkipLayerConfig(layers=[0, 2**16])
     with pytest.raises(ConfigError, match=r"^skip_layer\.layers: duplicate layer ids \[3\]"):
         SkipLayerConfig(layers=[*range(2**16), 3])
-    with pytest.raises(ConfigError, match=r"^hadskip\.num_layers"):
-        HadSkipConfig(budget=1, num_layers=10**12)

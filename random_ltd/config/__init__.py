@@ -41,6 +41,7 @@ from random_ltd.config.layer_token_lr import (
     WarmupType,
 )
 from random_ltd.config.random_ltd import (
+    HiddenStateOrder,
     LayerSet,
     RandomLTDConfig,
     ScheduleConfig,
@@ -76,6 +77,7 @@ __all__ = [
     "read_config_file",
 ]
 
-# Public names that were module attributes before the split (not in __all__, still importable).
+# Public names outside __all__ that stay importable from here (the field types; they were attributes of the
+# single config module before the split). Listed so that the imports above are not unused.
 _ALSO_EXPORTED = (Int, KeepRatio, LayerKey, Real, Seed, NonNegativeReal, PositiveReal, LAYER_TOKEN_LR_SCHEDULER_TYPE,
-                  SCHEDULER_PARAMS_PATH, DecayType, WarmupType, ScheduleType)
+                  SCHEDULER_PARAMS_PATH, DecayType, WarmupType, ScheduleType, HiddenStateOrder)

@@ -8,7 +8,6 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, StrictBool, model_validator
 
 from random_ltd.config.common import (
-    MAX_LAYERS,
     ConfigError,
     ConfigIssue,
     Int,
@@ -103,8 +102,7 @@ class HadSkipConfig(_Block):
     enabled: StrictBool = Field(True, description="Turn HadSkip on.")
     budget: PositiveReal = Field(description="Target expected number of layers used per sequence, s (paper: 3/6/9 "
                                  "of 12). Required.")
-    num_layers: Int | None = Field(None, ge=1, le=MAX_LAYERS, description="Gated layers L; checked against the model "
-                                   "when given.")
+    num_layers: Int | None = Field(None, ge=1, description="Gated layers L; checked against the model when given.")
     beta: NonNegativeReal = Field(1.0, description="Budget penalty weight (paper: 1); its unit is beta_unit.")
     beta_unit: Literal["layers", "fraction"] = Field(
         "layers", description="'layers' (default): beta (mean layers used - k)^2, one layer of overshoot costs beta, "

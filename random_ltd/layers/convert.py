@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -111,7 +112,7 @@ def _new_state(root: nn.Module, config: RandomLTDConfig, data_parallel_rank: int
 def convert_to_random_ltd(
     model: Any,
     layers: LayerSpec = None,
-    config: RandomLTDConfig | dict | None = None,
+    config: RandomLTDConfig | dict | str | os.PathLike | None = None,
     *,
     hidden_state_order: HiddenStateOrder | None = None,
     layer_ids: Sequence[int] | None = None,
@@ -125,8 +126,8 @@ def convert_to_random_ltd(
     Args:
         model: the model, or a DeepSpeed engine holding it.
         layers: which modules are the transformer layers (see ``find_layers``); default: auto-detected.
-        config: a ``RandomLTDConfig``, or a DeepSpeed config dict containing the random-LTD block (or the block
-            alone); default: the paper's defaults (every layer but the first and the last) with the
+        config: a ``RandomLTDConfig``, a DeepSpeed config (dict or JSON path) with the random-LTD block, or the
+            block alone (dict); default: the paper's defaults (every layer but the first and the last) with the
             ``hidden_state_order`` given here.
         hidden_state_order: layout of the layers' hidden states: ``"seq_batch_dim"`` (``[s, b, h]``, Megatron) or
             ``"batch_seq_dim"`` (``[b, s, h]``, HF). Required when ``config`` is None: a wrong layout would drop
@@ -153,6 +154,8 @@ def convert_to_random_ltd(
                              "hidden states (Megatron) or 'batch_seq_dim' for [b, s, h] (HF); a wrong layout would "
                              "drop batch rows instead of tokens")
         config = RandomLTDConfig(hidden_state_order=hidden_state_order)
+    elif isinstance(config, (str, os.PathLike)):
+        config = RandomLTDConfig.from_deepspeed(config)  # a DeepSpeed JSON config file
     elif isinstance(config, dict):
         config = RandomLTDConfig.from_deepspeed(config) if "data_efficiency" in config else \
             RandomLTDConfig.model_validate(config)

@@ -77,12 +77,12 @@ class RandomLTDState:
     _shape: tuple[int, int] | None = field(default=None, repr=False)
     _step_count: LayerTokenCount = field(default_factory=LayerTokenCount, repr=False)
 
-    def __post_init__(self) -> None:
-        check_seed(self.seed, "RandomLTDState.seed")
-
     @property
     def effective_seed(self) -> int:
         return rank_seed(self.seed, self.data_parallel_rank)
+
+    def __post_init__(self) -> None:
+        check_seed(self.seed, "RandomLTDState.seed")
 
     # -- called by the wrapped layers -------------------------------------------------------------------------
     def kept_length(self, layer_id: int, seq_len: int) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import hjson
 import pytest
 
 import random_ltd
@@ -41,7 +42,7 @@ def model() -> TinyGPT:
     return TinyGPT(vocab=64, hidden=16, layers=L, seq=SEQ)
 
 
-def init(config: str | Path):
+def init(config: str | Path | dict):
     m = model()
     return random_ltd.initialize(model=m, model_parameters=m.parameters(), config=config)
 
@@ -68,11 +69,10 @@ def test_initialize_missing_file_is_a_config_error(tmp_path: Path) -> None:
     assert not path.exists()
 
 
-def test_initialize_min_lr_above_optimizer_lr_fails_before_deepspeed(tmp_path: Path) -> None:
+def test_initialize_min_lr_above_optimizer_lr_fails_before_deepspeed() -> None:
     """Used to pass validation and fail inside deepspeed.initialize (LayerTokenLR's constructor)."""
-    path = tmp_path / "lr.json"
     lr_block = ('"layer_token_lr_schedule": {"enabled": true, "total_layer_tokens": 100000, "min_lr": 0.01},')
-    path.write_text(CONFIG_TEXT % {"layers": L, "extra": lr_block})
+    config = hjson.loads(CONFIG_TEXT % {"layers": L, "extra": lr_block})  # a dict: the check is not about files
     with pytest.raises(random_ltd.ConfigError, match=rf"^{RLTD}\.layer_token_lr_schedule\.min_lr: 0\.01 > "
                                                      r"optimizer\.params\.lr 0\.001"):
-        init(path)
+        init(config)

@@ -86,3 +86,15 @@ def test_config_given_keeps_its_layout() -> None:
     state = convert_to_random_ltd(model, config=cfg)
     run(model, state, torch.randn(16, 5, 4), keep=3)
     assert model.layers[2].seen == (3, 5, 4)
+
+
+def test_config_path_keeps_its_layout(tmp_path) -> None:
+    import json
+
+    path = tmp_path / "ds.json"
+    block = {"total_layer_num": 4, "hidden_state_order": "seq_batch_dim"}
+    path.write_text(json.dumps({"data_efficiency": {"data_routing": {"random_ltd": block}}}))
+    model = Stack()
+    state = convert_to_random_ltd(model, config=str(path))
+    run(model, state, torch.randn(16, 5, 4), keep=3)
+    assert model.layers[1].seen == (3, 5, 4)
