@@ -355,7 +355,8 @@ def plot_study(study: str, rows: list[dict], runs: dict, path: str) -> None:
     plt.close(fig)
 
 
-def run(studies: list[str], recipe: dict, s: Settings, seeds: list[int], out: str, log=print) -> dict:
+def run(studies: list[str], recipe: dict, s: Settings, seeds: list[int], out: str, log=print,
+        only: list[str] | None = None) -> dict:
     """Run the studies (each distinct arm once per seed) and write results.json, results.md and the plots."""
     os.makedirs(out, exist_ok=True)
     base = scaled_recipe(recipe, s)
@@ -365,7 +366,13 @@ def run(studies: list[str], recipe: dict, s: Settings, seeds: list[int], out: st
     report: dict[str, Any] = {"settings": asdict(s), "seeds": seeds, "studies": {}}
     for study in studies:
         rows = []
-        for arm in study_arms(study):
+        arms = study_arms(study)
+        if only:
+            unknown = sorted(set(only) - {a.name for st in STUDIES for a in study_arms(st)})
+            if unknown:
+                raise ValueError(f"--only: unknown arm names {unknown}")
+            arms = [a for a in arms if a.name in only]
+        for arm in arms:
             if arm.key not in runs:
                 configs[arm.key] = arm_config(base, arm, s)
                 runs[arm.key] = []
@@ -427,6 +434,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-attention-heads", type=int, default=4)
     p.add_argument("--eval-interval", type=int, default=None, help="default: steps // 8")
     p.add_argument("--eval-iters", type=int, default=8)
+    p.add_argument("--only", nargs="+", default=None, metavar="ARM",
+                   help="run only these arms (exact names, as in results.md) of the chosen studies")
     p.add_argument("--special-token-ids", type=int, nargs="*", default=[10],
                    help="ids TokenBypass never drops (default: 10, the newline between verses)")
     a = p.parse_args(argv)
@@ -449,7 +458,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
     studies = list(STUDIES) if a.study == "all" else [a.study]
     start = time.perf_counter()
-    report = run(studies, recipe, s, a.seeds, a.out)
+    report = run(studies, recipe, s, a.seeds, a.out, only=a.only)
     print(results_markdown(report))
     print(f"total wall {time.perf_counter() - start:.0f}s; wrote {a.out}/results.md, results.json and the plots")
     return report

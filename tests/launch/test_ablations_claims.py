@@ -29,3 +29,8 @@ def test_results_markdown_prints_the_tests() -> None:
     assert f"| {a} − {b} | -0.0500" in text and "Welch's t-test" in text
     one = {"settings": settings, "seeds": [1], "studies": {"lr": {"rows": [row], "comparisons": []}}}
     assert "(one seed: no tests)" in ablations.results_markdown(one)
+
+
+def test_only_rejects_unknown_arm_names(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"--only: unknown arm names \['set 3'\]"):
+        ablations.run(["tokenbypass"], {}, ablations.Settings(), [1234], str(tmp_path), only=["set 3"])
