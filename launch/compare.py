@@ -65,7 +65,9 @@ def _block(ds: dict) -> dict:
 
 
 def _sched_params(ds: dict) -> dict:
-    return ds.setdefault("scheduler", {}).setdefault("params", {})
+    """The iteration scheduler's params (a detached empty dict when the config has no scheduler block)."""
+    sched = ds.get("scheduler")
+    return sched.setdefault("params", {}) if isinstance(sched, dict) else {}
 
 
 class Planner:
@@ -301,6 +303,8 @@ def main(argv: list[str] | None = None, runner: Callable[..., dict] = run_arm) -
     args.seq_length = args.seq_length or block["random_ltd_schedule"]["max_value"]
     planner = Planner(recipe, train_iters=args.train_iters, seq_len=args.seq_length, num_layers=args.num_layers)
     lrs, warmups = _grid(args.lr_grid, float), _grid(args.warmup_grid, int)
+    if args.warmup_grid and not isinstance(recipe.get("scheduler"), dict):
+        raise SystemExit("--warmup-grid: the config has no 'scheduler' block whose warmup_num_steps it would set")
     grid = [(lr, w) for lr in lrs for w in warmups]
 
     settings: dict[str, dict] = {}

@@ -111,6 +111,11 @@ def test_bad_arguments(tmp_path) -> None:
         compare.main(["--num-layers", "6", "--out", str(tmp_path)], runner=_fake_runner([]))
     with pytest.raises(SystemExit, match="comma-separated"):
         compare.main(["--lr-grid", "1e-3,x", "--out", str(tmp_path)], runner=_fake_runner([]))
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({k: v for k, v in RECIPE.items() if k != "scheduler"}))
+    with pytest.raises(SystemExit, match="--warmup-grid: the config has no 'scheduler' block"):
+        compare.main(["--deepspeed_config", str(bare), "--warmup-grid", "5,10", "--out", str(tmp_path)],
+                     runner=_fake_runner([]))
 
 
 def test_run_arm_passes_dropout_and_the_arm_config(tmp_path, monkeypatch) -> None:
@@ -133,3 +138,12 @@ def test_run_arm_passes_dropout_and_the_arm_config(tmp_path, monkeypatch) -> Non
     assert "--baseline" in cmd and cmd[cmd.index("--train-iters") + 1] == "300"
     written = json.loads(Path(cmd[cmd.index("--deepspeed_config") + 1]).read_text())
     assert written["scheduler"]["params"]["total_num_steps"] == 300
+
+
+def test_recipe_without_a_scheduler_gets_none() -> None:
+    recipe = {k: v for k, v in RECIPE.items() if k != "scheduler"}
+    p = compare.Planner(recipe, train_iters=200, seq_len=256, num_layers=8)
+    assert "scheduler" not in p.config(False, 300, lr=1e-3, warmup=5)
+    ds = p.config(True, 200, lr=1e-3)
+    assert "scheduler" not in ds and ds["optimizer"]["params"]["lr"] == 1e-3
+    assert layer_token_lr_config_from_deepspeed(ds).warmup_layer_tokens == 0
