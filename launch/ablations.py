@@ -3,7 +3,7 @@
 Studies (each arm trains the same tiny GPT from the same initialisation on the same batches in the same order)::
 
     tokenbypass  random-LTD vs TokenBypass at equal saving, vs the baseline (paper 5.1, Fig. 4): constant drop of
-                 half the tokens, "set 1" on the sandwich layers (L//2 .. L-2), "set 2" on layers 1 .. L-2
+                 half the tokens, "set 1" on the sandwich layers (L/2-1 .. L-2, 0-based), "set 2" on layers 1 .. L-2
     layers       MSLG random-LTD on all layers / all but first / all but last / all but first and last (Table 5)
     schedule     MSLG vs a constant kept length at equal LayerToken saving, plus a constant ~10 points lower
                  (Table 6)
@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import random_ltd  # noqa: E402
 from launch.corpus import VOCAB_SIZE, batch_at, load_corpus  # noqa: E402
 from launch.model import GPT, GPTConfig  # noqa: E402
+from launch.stats import compare, format_comparison  # noqa: E402
 from random_ltd.config import RandomLTDConfig  # noqa: E402
 from random_ltd.schedules import planned_layer_tokens, random_ltd_budget  # noqa: E402
 
@@ -65,6 +66,17 @@ class Arm:
     def key(self) -> tuple:
         return (self.dropping, self.layer_set, self.kept, self.token_bypass, self.lr) if self.dropping else ("base",)
 
+
+# The differences each study is about (the paper's comparisons), tested over seeds when there are >= 2:
+# mean(a) - mean(b) of the final validation loss, Welch's t-test and a bootstrap interval (launch/stats.py).
+STUDY_CLAIMS: dict[str, tuple[tuple[str, str], ...]] = {
+    "tokenbypass": (("set 1: random-LTD (sandwich, const s/2)", "set 1: TokenBypass (sandwich, const s/2)"),
+                    ("set 2: random-LTD (layers 1..L-2, const s/2)", "set 2: TokenBypass (layers 1..L-2, const s/2)")),
+    "layers": (("all but first and last", "all layers"), ("all but first and last", "all but first"),
+               ("all but first and last", "all but last")),
+    "schedule": (("MSLG", "constant, equal saving"), ("MSLG", "constant, 10 points less saving")),
+    "lr": (("random-LTD, LayerToken LR", "random-LTD, iteration LR"), ("random-LTD, LayerToken LR", "baseline")),
+}
 
 BASELINE = Arm("baseline", dropping=False, lr="iteration")
 DEFAULT = Arm("random-LTD (MSLG, LayerToken LR)")
@@ -343,7 +355,8 @@ def plot_study(study: str, rows: list[dict], runs: dict, path: str) -> None:
     plt.close(fig)
 
 
-def run(studies: list[str], recipe: dict, s: Settings, seeds: list[int], out: str, log=print) -> dict:
+def run(studies: list[str], recipe: dict, s: Settings, seeds: list[int], out: str, log=print,
+        only: list[str] | None = None) -> dict:
     """Run the studies (each distinct arm once per seed) and write results.json, results.md and the plots."""
     os.makedirs(out, exist_ok=True)
     base = scaled_recipe(recipe, s)
@@ -353,7 +366,13 @@ def run(studies: list[str], recipe: dict, s: Settings, seeds: list[int], out: st
     report: dict[str, Any] = {"settings": asdict(s), "seeds": seeds, "studies": {}}
     for study in studies:
         rows = []
-        for arm in study_arms(study):
+        arms = study_arms(study)
+        if only:
+            unknown = sorted(set(only) - {a.name for st in STUDIES for a in study_arms(st)})
+            if unknown:
+                raise ValueError(f"--only: unknown arm names {unknown}")
+            arms = [a for a in arms if a.name in only]
+        for arm in arms:
             if arm.key not in runs:
                 configs[arm.key] = arm_config(base, arm, s)
                 runs[arm.key] = []
@@ -363,8 +382,11 @@ def run(studies: list[str], recipe: dict, s: Settings, seeds: list[int], out: st
                     runs[arm.key].append({"seed": seed, **result})
             rows.append({"arm": arm.name, "key": arm.key, "detail": _detail(configs[arm.key], arm),
                          **summarize(runs[arm.key])})
+        by_arm = {r["arm"]: runs[r["key"]] for r in rows}
+        tests = [compare(a, [r["final_val_loss"] for r in by_arm[a]], b, [r["final_val_loss"] for r in by_arm[b]])
+                 for a, b in STUDY_CLAIMS.get(study, ()) if len(seeds) >= 2 and a in by_arm and b in by_arm]
         report["studies"][study] = {"rows": [{k: v for k, v in r.items() if k != "key"} for r in rows],
-                                    "runs": {r["arm"]: runs[r["key"]] for r in rows}}
+                                    "runs": by_arm, "comparisons": [t.__dict__ for t in tests]}
         plot_study(study, rows, runs, os.path.join(out, f"{study}_val_loss_vs_layer_tokens.png"))
         with open(os.path.join(out, "results.md"), "w") as f:
             f.write(results_markdown(report))
@@ -380,8 +402,20 @@ def results_markdown(report: dict) -> str:
             f"seq {s['seq_length']} bytes, batch {s['batch']}, {s['steps']} steps, seeds {report['seeds']}; "
             f"validation: {s['eval_iters']} batches of {s['batch']} held-out sequences. Train wall time excludes "
             f"evaluation.\n\n")
-    return head + "\n".join(markdown_table(study, [{**r, "key": None} for r in v["rows"]])
-                            for study, v in report["studies"].items())
+    parts = []
+    for study, v in report["studies"].items():
+        parts.append(markdown_table(study, [{**r, "key": None} for r in v["rows"]]))
+        tests = v.get("comparisons", [])
+        if tests:
+            from launch.stats import Comparison
+
+            parts.append("Final val loss differences, Welch's t-test (two-sided) and 95% bootstrap interval over "
+                         "seeds:\n\n| difference | mean | 95% CI | Welch t (df) | p | verdict |\n"
+                         "|---|---|---|---|---|---|\n" + "\n".join(format_comparison(Comparison(**t)) for t in tests)
+                         + "\n")
+        elif len(report["seeds"]) < 2:
+            parts.append("(one seed: no tests)\n")
+    return head + "\n".join(parts)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -400,6 +434,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-attention-heads", type=int, default=4)
     p.add_argument("--eval-interval", type=int, default=None, help="default: steps // 8")
     p.add_argument("--eval-iters", type=int, default=8)
+    p.add_argument("--only", nargs="+", default=None, metavar="ARM",
+                   help="run only these arms (exact names, as in results.md) of the chosen studies")
     p.add_argument("--special-token-ids", type=int, nargs="*", default=[10],
                    help="ids TokenBypass never drops (default: 10, the newline between verses)")
     a = p.parse_args(argv)
@@ -422,7 +458,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
     studies = list(STUDIES) if a.study == "all" else [a.study]
     start = time.perf_counter()
-    report = run(studies, recipe, s, a.seeds, a.out)
+    report = run(studies, recipe, s, a.seeds, a.out, only=a.only)
     print(results_markdown(report))
     print(f"total wall {time.perf_counter() - start:.0f}s; wrote {a.out}/results.md, results.json and the plots")
     return report

@@ -36,6 +36,9 @@ def add_common_args(p: argparse.ArgumentParser, *, num_layers: int, hidden: int,
     p.add_argument("--lr-total-layer-tokens", type=float, default=None,
                    help="LayerToken LR: decay over this many layer-tokens (Appendix C: the run's own consumption; "
                         "set it with --train-layer-tokens for an equal-budget run)")
+    p.add_argument("--hidden-dropout", type=float, default=0.0,
+                   help="dropout after attention and MLP (the paper's GPT/BERT recipes: 0.1; tiny CPU runs: 0)")
+    p.add_argument("--attention-dropout", type=float, default=0.0, help="dropout on attention probabilities")
     p.add_argument("--eval-interval", type=int, default=50)
     p.add_argument("--eval-iters", type=int, default=8)
     p.add_argument("--data-path", default=None,
@@ -151,7 +154,8 @@ def transformer_config(args: argparse.Namespace, **extra: Any):
 
     kw = dict(num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
               tensor_model_parallel_size=args.tensor_model_parallel_size, sequence_parallel=args.sequence_parallel,
-              use_cpu_initialization=not torch.cuda.is_available(), hidden_dropout=0.0, attention_dropout=0.0,
+              use_cpu_initialization=not torch.cuda.is_available(), hidden_dropout=args.hidden_dropout,
+              attention_dropout=args.attention_dropout,
               recompute_granularity=args.recompute_granularity)
     if args.recompute_granularity == "full":
         kw.update(recompute_method="uniform", recompute_num_layers=1)

@@ -67,7 +67,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
               f"{r.cumulative_baseline_layer_tokens:>16,} {'-' if lt is None else f'{lt:.3e}':>14} "
               f"{iteration_lr(r.step):>13.3e}")
     saved = 0.0 if baseline == 0 else 100 * (1 - consumed / baseline)
-    print(f"total layer-tokens: {consumed:,} (baseline {baseline:,}): {saved:.1f}% saved")
+    n, L = len(cfg.layer_ids), cfg.total_layer_num
+    full = len(rows) * args.batch * seq * (L - n)  # the layers that never drop
+    dropping = 0.0 if baseline == full else 100 * (1 - (consumed - full) / (baseline - full))
+    print(f"total layer-tokens: {consumed:,} (baseline {baseline:,}): {saved:.1f}% saved over the whole network "
+          f"(all {L} layers, the {L - n} full ones included)")
+    print(f"{dropping:.1f}% saved in the {n} dropping layers alone (the paper's GPT '1/3' is this figure: the whole "
+          f"network saves {n}/{L} of it; its BERT 31.1%/26.2% are whole-network figures)")
     if lr_cfg is not None and lr_cfg.total_layer_tokens != consumed:
         print(f"note: layer_token_lr total_layer_tokens {lr_cfg.total_layer_tokens:,} != planned consumption "
               f"{consumed:,} (Appendix C sets it to the run's own consumption)")

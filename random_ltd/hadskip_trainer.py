@@ -2,8 +2,8 @@
 
 Stage 1: fine-tune the backbone (gates off; the model is bitwise the plain backbone).
 Stage 2: freeze everything but the gates; train them on the task loss alone (no budget).
-Stage 3: train everything with the homotopic budget ``beta (mean g - k/L)^2``, ``k = L, L-1, ..., s``, and knowledge
-distillation from the stage-1 model: ``L_t + a1 L_p + a2 L_h + a3 L_att + a4 L_emb``.
+Stage 3: train everything with the homotopic budget ``beta (mean layers used - k)^2``, ``k = L, L-1, ..., s``, and
+knowledge distillation from the stage-1 model: ``L_t + a1 L_p + a2 L_h + a3 L_att + a4 L_emb``.
 
 The model is any ``nn.Module`` holding :class:`~random_ltd.layers.hadskip.HadSkipLayer` s whose
 ``forward(input_ids, attention_mask)`` returns a :class:`~random_ltd.layers.hadskip.HadSkipOutput` (the Hugging Face
@@ -152,13 +152,15 @@ class HadSkipTrainer:
         h, num_layers, s = self.config.homotopic, len(self.layers), self.config.budget
         if not h.enabled:
             return HomotopicBudget(num_layers, s, steps_per_stage=1, start=s)
+        # the even split: half of stage 3 over the intermediate budgets, the rest at s ('steps' default, and the
+        # convergence mode's default cap, so convergence can only move earlier than the fixed schedule)
+        n = len(HomotopicBudget(num_layers, s, steps_per_stage=1, stride=h.stride).budgets)
+        even = max(1, steps // (2 * max(1, n - 1)))
         if h.step_on == "convergence":
-            return HomotopicBudget(num_layers, s, step_on="convergence", tolerance=h.tolerance, patience=h.patience,
-                                   max_steps_per_stage=h.max_steps_per_stage, stride=h.stride)
-        per = h.steps_per_stage
-        if per is None:  # spread half of stage 3 over the intermediate budgets, the rest at s
-            n = len(HomotopicBudget(num_layers, s, steps_per_stage=1, stride=h.stride).budgets)
-            per = max(1, steps // (2 * max(1, n - 1)))
+            cap = h.max_steps_per_stage if h.max_steps_per_stage is not None else even
+            return HomotopicBudget(num_layers, s, step_on="convergence", tolerance=h.convergence_tolerance,
+                                   patience=h.patience, max_steps_per_stage=cap, stride=h.stride)
+        per = h.steps_per_stage if h.steps_per_stage is not None else even
         return HomotopicBudget(num_layers, s, steps_per_stage=per, stride=h.stride)
 
     # ---------------------------------------------------------------- checkpoints
@@ -271,16 +273,17 @@ class HadSkipTrainer:
                     raise ValueError("hadskip.alpha_att > 0 but the model returns no attention maps (use eager "
                                      "attention, or set alpha_att to 0)")
                 kd = kd_losses(out, t_out)
-                budget_term = budget_penalty(out.gates, schedule.budget, cfg.beta)
+                budget_term = budget_penalty(out.gates, schedule.budget, cfg.beta, unit=cfg.beta_unit)
                 loss = (loss + cfg.alpha_p * kd["p"] + cfg.alpha_h * kd["h"] + cfg.alpha_att * kd["att"]
                         + cfg.alpha_emb * kd["emb"] + budget_term)
                 entry.update({f"kd_{k}": v.item() for k, v in kd.items()})
-                entry.update(budget=schedule.budget, budget_term=budget_term.item())
+                entry.update(budget=schedule.budget, budget_term=budget_term.item(),
+                             budget_gap=abs(entry["mean_layers"] - schedule.budget))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if schedule is not None:
-                schedule.step(entry["budget_term"])
+                schedule.step(entry["budget_gap"])  # convergence: |mean layers used - k| (layers)
             entry["loss"] = loss.item()
             if not math.isfinite(entry["loss"]):
                 raise FloatingPointError(f"stage {stage} step {step}: non-finite loss {entry}")

@@ -30,7 +30,7 @@ RECIPE = json.loads((ROOT / "configs" / "tiny_gpt_cpu.json").read_text())
 
 @pytest.mark.parametrize("name,expected", [("all", [0, 1, 2, 3, 4]), ("all_but_first", [1, 2, 3, 4]),
                                            ("all_but_last", [0, 1, 2, 3]), ("all_but_first_and_last", [1, 2, 3]),
-                                           ("sandwich", [2, 3])])
+                                           ("sandwich", [1, 2, 3])])
 def test_layer_set_resolves_layer_ids(name, expected):
     cfg = RandomLTDConfig.model_validate({"total_layer_num": 5, "layer_set": name})
     assert cfg.random_ltd_layer_id == expected and cfg.random_ltd_layer_num == len(expected)
@@ -108,7 +108,7 @@ def test_arm_configs_follow_the_study_design():
     arms = {a.name: a for a in ablations.study_arms("tokenbypass")}
     cfgs = {n: RandomLTDConfig.from_deepspeed(ablations.arm_config(base, a, s)) for n, a in arms.items()}
     r1, t1 = cfgs["set 1: random-LTD (sandwich, const s/2)"], cfgs["set 1: TokenBypass (sandwich, const s/2)"]
-    assert r1.layer_ids == t1.layer_ids == (4, 5, 6) and t1.token_bypass.enabled and not r1.token_bypass.enabled
+    assert r1.layer_ids == t1.layer_ids == (3, 4, 5, 6) and t1.token_bypass.enabled and not r1.token_bypass.enabled
     assert t1.token_bypass.special_token_ids == [10] and t1.random_ltd_schedule.min_value == 128
     r2 = cfgs["set 2: random-LTD (layers 1..L-2, const s/2)"]
     assert r2.layer_ids == tuple(range(1, 7))
@@ -150,7 +150,7 @@ def test_every_arm_runs_end_to_end(tmp_path, monkeypatch):
     rows = {r["arm"]: r for r in report["studies"]["tokenbypass"]["rows"]}
     # equal saving inside each set: constant s/2 on the same layers
     assert rows["set 1: random-LTD (sandwich, const s/2)"]["consumed_layer_tokens"] == \
-        rows["set 1: TokenBypass (sandwich, const s/2)"]["consumed_layer_tokens"] == 3 * 2 * (3 * 32 + 16)
+        rows["set 1: TokenBypass (sandwich, const s/2)"]["consumed_layer_tokens"] == 3 * 2 * (2 * 32 + 2 * 16)
     assert rows["set 2: TokenBypass (layers 1..L-2, const s/2)"]["saved_percent"] == pytest.approx(25.0)
     assert rows["baseline"]["saved_percent"] == 0.0
     # TokenBypass and random selection trained differently (the selection is not random)

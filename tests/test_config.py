@@ -21,8 +21,10 @@ from random_ltd.config import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-GPT_JSON = ROOT / "configs" / "ds_gpt3_1.3b_random_ltd.json"
-BERT_JSON = ROOT / "configs" / "ds_bert_large_random_ltd.json"
+# DeepSpeed-format fixtures: the DeepSpeed example values (LayerToken LR off); the paper recipes in configs/ are
+# checked against the paper by tests/test_paper_recipes.py
+GPT_JSON = ROOT / "tests" / "data" / "deepspeed_example_gpt3_1.3b.json"
+BERT_JSON = ROOT / "tests" / "data" / "deepspeed_example_bert_large.json"
 DELETE = object()
 
 

@@ -34,24 +34,45 @@ class HadSkipHomotopicConfig(_Block):
     enabled: StrictBool = Field(True, description="Use the homotopic sequence; false = the target budget from the "
                                 "first stage-3 step (the paper's 'w/o homotopic optimization' ablation).")
     step_on: Literal["steps", "convergence"] = Field(
-        "steps", description="When to move to the next budget: after steps_per_stage steps, or once the budget "
-        "term stayed <= tolerance for patience steps.")
+        "convergence", description="When to move to the next budget: 'convergence' (default unless steps_per_stage "
+        "is given): once the mean number of layers used is within tolerance layers of the current budget for "
+        "patience consecutive steps, or after max_steps_per_stage steps at it (the cap); 'steps': after "
+        "steps_per_stage steps.")
     steps_per_stage: Int | None = Field(None, ge=1, description="Optimizer steps at each budget (step_on 'steps'; "
                                         "default: stage-3 steps spread evenly over the budgets, half the run).")
-    tolerance: PositiveReal | None = Field(None, description="Budget-term threshold (step_on 'convergence').")
+    tolerance: PositiveReal | None = Field(None, description="Convergence threshold in layers: |mean layers used - "
+                                           "current budget| <= tolerance (step_on 'convergence'; default 0.25).")
     patience: Int = Field(5, ge=1, description="Consecutive steps under tolerance before moving on (convergence).")
-    max_steps_per_stage: Int | None = Field(None, ge=1, description="Force the move after this many steps at one "
-                                            "budget (convergence mode safety net).")
+    max_steps_per_stage: Int | None = Field(None, ge=1, description="Step cap at one budget (convergence mode; "
+                                            "default: the 'steps' mode's even split, half of stage 3 over the "
+                                            "intermediate budgets).")
     stride: PositiveReal = Field(1.0, description="Budget decrement between problems (paper: 1 layer).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_step_on(cls, data: Any) -> Any:
+        """Without step_on, a given steps_per_stage means 'steps' (configs written before convergence was default)."""
+        if isinstance(data, dict) and "step_on" not in data and data.get("steps_per_stage") is not None:
+            return {**data, "step_on": "steps"}
+        return data
 
     @model_validator(mode="after")
     def _check_mode_fields(self) -> HadSkipHomotopicConfig:
-        """tolerance belongs to convergence mode (and is required there)."""
-        if self.step_on == "convergence" and self.tolerance is None:
-            raise _FieldIssues(("tolerance", "required when step_on is 'convergence' (a positive number)"))
+        """tolerance and the cap belong to convergence mode, steps_per_stage to steps mode."""
         if self.step_on == "steps" and self.tolerance is not None:
             raise _FieldIssues(("tolerance", f"{self.tolerance} is only used with step_on 'convergence'"))
+        if self.step_on == "steps" and self.max_steps_per_stage is not None:
+            raise _FieldIssues(("max_steps_per_stage", f"{self.max_steps_per_stage} is only used with step_on "
+                                "'convergence' (use steps_per_stage)"))
+        if self.step_on == "convergence" and self.steps_per_stage is not None:
+            raise _FieldIssues(("steps_per_stage", f"{self.steps_per_stage} is only used with step_on 'steps' (the "
+                                "convergence mode's cap is max_steps_per_stage)"))
         return self
+
+    @property
+    def convergence_tolerance(self) -> float:
+        """tolerance, or its default of 0.25 layers."""
+        return 0.25 if self.tolerance is None else float(self.tolerance)
 
 
 class HadSkipStagesConfig(_Block):
@@ -71,8 +92,9 @@ class HadSkipStagesConfig(_Block):
 class HadSkipConfig(_Block):
     """``hadskip``: learned per-sequence layer skipping (HadSkip, Wang et al. 2023).
 
-    Loss of stage 3: ``L_t + alpha_p L_p + alpha_h L_h + alpha_att L_att + alpha_emb L_emb + beta (mean g - k/L)^2``
-    with ``k`` the current homotopic budget.
+    Loss of stage 3: ``L_t + alpha_p L_p + alpha_h L_h + alpha_att L_att + alpha_emb L_emb + beta (m - k)^2``
+    with ``k`` the current homotopic budget and ``m`` the mean number of layers used per sequence (``beta_unit``
+    "layers", default), or ``beta (mean g - k/L)^2`` (``beta_unit`` "fraction" = ``beta / L^2`` in layers).
     """
 
     _path: ClassVar[str] = HADSKIP_PATH
@@ -81,7 +103,11 @@ class HadSkipConfig(_Block):
     budget: PositiveReal = Field(description="Target expected number of layers used per sequence, s (paper: 3/6/9 "
                                  "of 12). Required.")
     num_layers: Int | None = Field(None, ge=1, description="Gated layers L; checked against the model when given.")
-    beta: NonNegativeReal = Field(1.0, description="Budget penalty weight (paper: 1), in fraction-of-layers units.")
+    beta: NonNegativeReal = Field(1.0, description="Budget penalty weight (paper: 1); its unit is beta_unit.")
+    beta_unit: Literal["layers", "fraction"] = Field(
+        "layers", description="'layers' (default): beta (mean layers used - k)^2, one layer of overshoot costs beta, "
+        "so the paper's beta = 1 constrains the budget; 'fraction': beta (mean g - k/L)^2, the same penalty "
+        "divided by L^2 (one layer of overshoot costs beta/144 at L=12).")
     alpha_p: NonNegativeReal = Field(1.0, description="Weight of L_p, KL(teacher || student) on predictions.")
     alpha_h: NonNegativeReal = Field(1.0, description="Weight of L_h, MSE of per-layer hidden states.")
     alpha_att: NonNegativeReal = Field(1.0, description="Weight of L_att, MSE of head-averaged attention maps.")

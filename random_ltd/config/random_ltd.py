@@ -283,9 +283,9 @@ class RandomLTDConfig(_Block):
     layer_set: LayerSet | None = Field(
         None,
         description="Extension (ablations, paper Table 5): name the dropping layers instead of listing them: 'all', "
-        "'all_but_first', 'all_but_last', 'all_but_first_and_last' (= the default), or 'sandwich' (TokenBypass: "
-        "layers L//2 .. L-2, the first half and the last layer full). Resolved into random_ltd_layer_id; giving "
-        "both is an error unless they agree.",
+        "'all_but_first', 'all_but_last', 'all_but_first_and_last' (= the default), or 'sandwich' (TokenBypass, Hou "
+        "et al.'s i = L/2 - 1: 0-based layers L/2-1 .. L-2, i.e. L12..L23 of 24, the first L/2-1 and the last "
+        "full). Resolved into random_ltd_layer_id; giving both is an error unless they agree.",
     )
     token_bypass: TokenBypassConfig = Field(
         default_factory=lambda: TokenBypassConfig(),
@@ -598,7 +598,9 @@ def layer_set_ids(layer_set: str, num_layers: int) -> list[int]:
         "all_but_first": range(1, num_layers),
         "all_but_last": range(0, num_layers - 1),
         "all_but_first_and_last": range(1, num_layers - 1),
-        "sandwich": range(num_layers // 2, num_layers - 1),
+        # Hou et al. 2022 (paper sec. 2, 5.1, Fig. B.1): the first i = l/2 - 1 layers and the last one full, the l/2
+        # layers L_{l/2} .. L_{l-1} (1-based; L12..L23 of 24) drop; never the first layer.
+        "sandwich": range(max(1, num_layers // 2 - 1), num_layers - 1),
     }
     if layer_set not in sets:
         raise ValueError(f"unknown layer_set {layer_set!r}; allowed: {', '.join(sets)}")

@@ -33,7 +33,14 @@ class SkipLayerConfig(_Block):
 
         "skip_layer": {"enabled": true, "capacity": 0.5, "aux_loss_weight": 0.1,
                        "router": "straight_through_gumbel", "temperature": 1.0, "gumbel_noise": 1.0,
+                       "anneal_steps": 2000, "gumbel_noise_final": 0.0, "temperature_final": null,
                        "group_size": null, "layers": null}
+
+    With ``anneal_steps`` the training loop calls ``random_ltd.layers.anneal_skip_layers(model, step)`` before each
+    optimizer step (``step`` = completed steps, 0 for the first): the noise goes from ``gumbel_noise`` to
+    ``gumbel_noise_final`` (and the temperature to ``temperature_final``, when given) over that many steps, so
+    training ends on the argmax decisions eval uses (without it the model is trained under noise 1 and evaluated by
+    argmax: a train/eval mismatch).
 
     Build it from a whole DeepSpeed config with :meth:`from_deepspeed`; ``options(layer_id)`` gives the
     ``random_ltd.layers.skip_layer.SkipLayerOptions`` of one layer.
@@ -58,6 +65,15 @@ class SkipLayerConfig(_Block):
     gumbel_noise: Real = Field(
         1.0, ge=0.0, description="Scale of the Gumbel (logistic for sigmoid) noise added in training (0 = none)."
     )
+    anneal_steps: Int | None = Field(
+        None, ge=1, description="Optimizer steps over which gumbel_noise -> gumbel_noise_final and temperature -> "
+        "temperature_final (anneal_skip_layers); null = constant noise and temperature."
+    )
+    gumbel_noise_final: Real = Field(0.0, ge=0.0, description="Noise scale from anneal_steps on (0 = argmax, as eval).")
+    temperature_final: Real | None = Field(
+        None, gt=0.0, description="Temperature from anneal_steps on (> 0); null keeps temperature."
+    )
+    anneal_shape: Literal["linear", "cosine"] = Field("linear", description="Annealing curve: linear or cosine.")
     threshold: Real = Field(0.5, gt=0.0, lt=1.0, description="sigmoid router: decision threshold in (0, 1).")
     group_size: Int | None = Field(
         None, ge=1, description="Gsize >= 1: the FFN runs on the routed tokens in groups of this size; default "
@@ -107,7 +123,9 @@ class SkipLayerConfig(_Block):
         return SkipLayerOptions(capacity=self.capacity, aux_loss_weight=self.aux_loss_weight, router=self.router,
                                 temperature=self.temperature, gumbel_noise=self.gumbel_noise,
                                 threshold=self.threshold, group_size=self.group_size,
-                                implementation=self.implementation, layer_id=layer_id)
+                                implementation=self.implementation, layer_id=layer_id,
+                                anneal_steps=self.anneal_steps, gumbel_noise_final=self.gumbel_noise_final,
+                                temperature_final=self.temperature_final, anneal_shape=self.anneal_shape)
 
     @classmethod
     def from_deepspeed(cls, ds_config: dict[str, Any] | str | os.PathLike[str]) -> SkipLayerConfig:

@@ -3,7 +3,13 @@
 from random_ltd.layers.convert import convert_to_random_ltd, find_layers, get_random_ltd_state
 from random_ltd.layers.hadskip import HadSkipLayer
 from random_ltd.layers.random_ltd_layer import RandomLTDLayer, RandomLTDLayerOptions, unwrap_random_ltd, wrap_layer
-from random_ltd.layers.skip_layer import SkipLayer, SkipLayerOptions, skip_layer_aux_loss
+from random_ltd.layers.skip_layer import (
+    SkipLayer,
+    SkipLayerOptions,
+    anneal_skip_layers,
+    sampled_routing,
+    skip_layer_aux_loss,
+)
 from random_ltd.layers.state import LayerTokenCount, RandomLTDState
 from random_ltd.layers.token_bypass import TokenBypassState, select_bypass_indices
 
@@ -12,6 +18,8 @@ __all__ = [
     "SkipLayer",
     "SkipLayerOptions",
     "skip_layer_aux_loss",
+    "anneal_skip_layers",
+    "sampled_routing",
     "RandomLTDLayer",
     "RandomLTDLayerOptions",
     "RandomLTDState",

@@ -218,17 +218,24 @@ def collect_gates(layers: Iterable[HadSkipLayer]) -> torch.Tensor:
     return torch.stack(gates, dim=1)
 
 
-def budget_penalty(gates: torch.Tensor, budget: float, beta: float = 1.0) -> torch.Tensor:
-    """``beta * (mean(gates) - budget / L)^2`` for gates ``[b, L]``: zero when on average ``budget`` layers are used.
+def budget_penalty(gates: torch.Tensor, budget: float, beta: float = 1.0, unit: str = "layers") -> torch.Tensor:
+    """The budget term for gates ``[b, L]``: zero when on average ``budget`` layers are used per sequence.
 
-    The paper writes eq. (3) as ``(1/(nL) sum g - s)^2``; we keep both terms in the same unit (fraction of layers),
-    so ``budget`` is in layers (3, 6, 9 of 12) and the minimum is at ``budget`` layers used per sequence on average.
+    ``unit="layers"`` (default): ``beta * (mean_b sum_i g_i - budget)^2``, the gap measured in layers, so one layer
+    of overshoot costs ``beta`` and the paper's ``beta = 1`` holds the budget. ``unit="fraction"``:
+    ``beta * (mean(gates) - budget / L)^2``, the same gap as a fraction of the layers, i.e. ``L^2`` times weaker (at
+    L = 12 one layer of overshoot costs beta/144). The paper writes eq. (3) as ``(1/(nL) sum g - s)^2``, mixing the
+    two units; ``budget`` is in layers (3, 6, 9 of 12) in both forms here.
     """
     if not isinstance(gates, torch.Tensor) or gates.dim() != 2:
         raise ValueError(f"gates must be a [b, L] tensor, got {getattr(gates, 'shape', type(gates).__name__)}")
+    if unit not in ("layers", "fraction"):
+        raise ValueError(f"unit must be 'layers' or 'fraction', got {unit!r}")
     num_layers = gates.shape[1]
     if not 0 <= budget <= num_layers:
         raise ValueError(f"budget must lie in [0, L={num_layers}] layers, got {budget!r}")
+    if unit == "layers":
+        return beta * (gates.float().sum(1).mean() - budget) ** 2
     return beta * (gates.float().mean() - budget / num_layers) ** 2
 
 

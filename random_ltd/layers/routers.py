@@ -24,27 +24,58 @@ Kinds (paper section 2.1 and its baselines):
                              ``t = sigmoid(z1 - z0)``. Dense compute; no capacity control (``hard`` is all ones).
 =========================  ===========================================================================================
 
-In eval mode the learned routers are deterministic: no noise, ``hard = argmax`` (Algorithm 2), or ``p > threshold``.
+In eval mode the learned routers are deterministic: no noise, ``hard = argmax`` (Algorithm 2), or ``p > threshold``
+(``eval_noise > 0`` samples in eval too, to measure the model under its training-time routing).
 Without autograd (``torch.no_grad``, decoding) the straight-through routers return ``routed_scale = skip_scale = None``
 (their values would be exactly 1) to save the elementwise work.
 
-Note: the capacity loss sees the *noisy* training decisions. With ``gumbel_noise = 1`` and a short training run the
-logits can stay small, and the eval-time argmax then routes a different fraction than P (see
-``benchmarks/skip_layer.py``, arm ``-noise0``); ``gumbel_noise = 0`` trains on the argmax decisions themselves.
+Train/eval mismatch: training decides on ``argmax(XW_G + noise * Gumbel)``, eval on ``argmax(XW_G)``. With
+``gumbel_noise = 1`` held constant and small logits, the two route different tokens (and a different fraction), so a
+model trained well under sampling can be poor under argmax; evaluated with the same sampling it is fine. Annealing
+the noise toward 0 (:func:`anneal_value`; the ``skip_layer`` block's ``anneal_steps``, ``gumbel_noise_final``,
+``temperature_final``) ends training on the decisions eval uses. The temperature only shapes the straight-through
+gradient (the decision is the argmax of the logits, whatever the temperature); annealing it toward 0 sharpens that
+gradient toward the hard decision's.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-__all__ = ["ROUTER_KINDS", "RouterKind", "RouterOutput", "SkipRouter", "straight_through"]
+__all__ = ["ANNEAL_SHAPES", "ROUTER_KINDS", "AnnealShape", "RouterKind", "RouterOutput", "SkipRouter", "anneal_value",
+           "straight_through"]
 
 RouterKind = Literal["straight_through_gumbel", "sigmoid", "top1_softmax", "random", "highway"]
 ROUTER_KINDS: tuple[str, ...] = ("straight_through_gumbel", "sigmoid", "top1_softmax", "random", "highway")
+AnnealShape = Literal["linear", "cosine"]
+ANNEAL_SHAPES: tuple[str, ...] = ("linear", "cosine")
+
+
+def anneal_value(step: int, steps: int, start: float, final: float, shape: AnnealShape = "linear") -> float:
+    """``start`` at step 0, ``final`` from ``steps`` on, ``linear`` or ``cosine`` (half-period) in between.
+
+    Drives the router's Gumbel noise scale and temperature over training (see the module docstring).
+
+    Raises:
+        ValueError: ``step < 0``, ``steps < 1`` or an unknown ``shape``.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if shape not in ANNEAL_SHAPES:
+        raise ValueError(f"shape must be one of {ANNEAL_SHAPES}, got {shape!r}")
+    if step >= steps:
+        return float(final)
+    frac = step / steps
+    if shape == "cosine":
+        frac = 0.5 * (1.0 - math.cos(math.pi * frac))
+    return float(start + (final - start) * frac)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -127,6 +158,7 @@ class SkipRouter(nn.Module):
         self.temperature = float(temperature)
         self.gumbel_noise = float(gumbel_noise)
         self.threshold = float(threshold)
+        self.eval_noise = 0.0  # > 0: sample in eval mode too (sampled evaluation); 0: argmax, Algorithm 2
         self.proj = None if kind == "random" else nn.Linear(hidden_size, 2, bias=False)
         if self.proj is not None:
             nn.init.normal_(self.proj.weight, std=init_std)
@@ -150,7 +182,8 @@ class SkipRouter(nn.Module):
         """Route ``x`` ``[b, t, d]``; ``generator`` drives the training noise and the random router."""
         if x.dim() != 3:
             raise ValueError(f"x must be [b, t, d], got {list(x.shape)}")
-        noisy = self.training and self.gumbel_noise > 0.0
+        noise = self.gumbel_noise if self.training else self.eval_noise
+        noisy = noise > 0.0
         # without a gradient the straight-through scales are exactly hard / 1 - hard: skip building them (decoding)
         grad = torch.is_grad_enabled()
         if self.kind == "random":
@@ -164,7 +197,7 @@ class SkipRouter(nn.Module):
             logit = z[..., 1] - z[..., 0]
             if noisy:
                 u = torch.rand(logit.shape, generator=generator, device=x.device).clamp_(1e-6, 1 - 1e-6)
-                logit = logit + self.gumbel_noise * (u.log() - (-u).log1p())  # logistic = Gumbel - Gumbel
+                logit = logit + noise * (u.log() - (-u).log1p())  # logistic = Gumbel - Gumbel
             p = torch.sigmoid(logit / self.temperature)
             if not grad:
                 return RouterOutput(hard=(p > self.threshold).float(), prob=p)
@@ -172,7 +205,7 @@ class SkipRouter(nn.Module):
             return RouterOutput(hard=hard, routed_scale=hard, skip_scale=1.0 - hard, prob=p)
         if noisy:  # Gumbel noise for straight_through_gumbel and top1_softmax
             u = torch.rand(z.shape, generator=generator, device=x.device).clamp_(1e-10, 1.0)
-            z = z - self.gumbel_noise * torch.log(-torch.log(u))
+            z = z - noise * torch.log(-torch.log(u))
         y = torch.softmax(z / self.temperature, dim=-1)
         # argmax with ties going to "skip", identical in training and in eval (decoding, Algorithm 2)
         decision = (z[..., 1] > z[..., 0]).float()

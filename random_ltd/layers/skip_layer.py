@@ -25,6 +25,11 @@ The auxiliary capacity loss ``λ · Σ_i (r_i − P)²`` is collected from a mod
 the same code with a KV cache object that has ``update(k, v, layer_idx) -> (K, V)`` (:class:`SkipKVCache`, or a
 Hugging Face ``Cache``).
 
+Train/eval routing: training samples decisions with Gumbel noise, eval takes the argmax (Algorithm 2). Call
+:func:`anneal_skip_layers` once per optimizer step to anneal the noise (and optionally the temperature) toward the
+options' final values, so that training ends on the decisions eval uses; :func:`sampled_routing` evaluates a model
+with training-style sampling to measure the gap.
+
 This module knows nothing about DeepSpeed, megatron or transformers: adapters implement :class:`SkipLayerParts`.
 """
 
@@ -33,13 +38,23 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from random_ltd.layers.routers import ROUTER_KINDS, RouterKind, RouterOutput, SkipRouter
+from random_ltd.layers.routers import (
+    ANNEAL_SHAPES,
+    ROUTER_KINDS,
+    AnnealShape,
+    RouterKind,
+    RouterOutput,
+    SkipRouter,
+    anneal_value,
+)
 from random_ltd.ops import gather_tokens, scatter_tokens
 
 __all__ = [
@@ -50,7 +65,9 @@ __all__ = [
     "SkipKVCache",
     "TinyDecoder",
     "TinyDecoderLayer",
+    "anneal_skip_layers",
     "find_skip_layers",
+    "sampled_routing",
     "sdpa_attend",
     "skip_layer_aux_loss",
     "skip_layer_capacities",
@@ -68,8 +85,13 @@ class SkipLayerOptions:
         capacity: target probability P in (0, 1] that a token runs the layer.
         aux_loss_weight: λ >= 0 of the auxiliary capacity loss (paper: 0.1).
         router: one of ``ROUTER_KINDS``.
-        temperature: router softmax/sigmoid temperature (> 0).
-        gumbel_noise: training noise scale (>= 0).
+        temperature: router softmax/sigmoid temperature (> 0) at the start of training.
+        gumbel_noise: training noise scale (>= 0) at the start of training.
+        anneal_steps: optimizer steps over which :func:`anneal_skip_layers` moves the noise to
+            ``gumbel_noise_final`` and the temperature to ``temperature_final``; None = constant (no annealing).
+        gumbel_noise_final: noise scale from ``anneal_steps`` on (>= 0; 0 = train on the argmax decisions).
+        temperature_final: temperature from ``anneal_steps`` on (> 0), or None to keep ``temperature``.
+        anneal_shape: ``"linear"`` or ``"cosine"``.
         threshold: ``sigmoid`` router threshold in (0, 1).
         group_size: Gsize >= 1, or None for ``ceil(P * b * t)``.
         implementation: ``"efficient"`` (gather/scatter) or ``"dense"`` (masked reference).
@@ -85,6 +107,10 @@ class SkipLayerOptions:
     group_size: int | None = None
     implementation: Implementation = "efficient"
     layer_id: int = 0
+    anneal_steps: int | None = None
+    gumbel_noise_final: float = 0.0
+    temperature_final: float | None = None
+    anneal_shape: AnnealShape = "linear"
 
     def __post_init__(self) -> None:
         if isinstance(self.capacity, bool) or not isinstance(self.capacity, (int, float)) \
@@ -102,6 +128,30 @@ class SkipLayerOptions:
             raise ValueError(f"implementation must be 'efficient' or 'dense', got {self.implementation!r}")
         if isinstance(self.layer_id, bool) or not isinstance(self.layer_id, int) or self.layer_id < 0:
             raise ValueError(f"layer_id must be an int >= 0, got {self.layer_id!r}")
+        if self.anneal_steps is not None and (isinstance(self.anneal_steps, bool)
+                                              or not isinstance(self.anneal_steps, int) or self.anneal_steps < 1):
+            raise ValueError(f"anneal_steps must be an int >= 1 or None, got {self.anneal_steps!r}")
+        if isinstance(self.gumbel_noise_final, bool) or not isinstance(self.gumbel_noise_final, (int, float)) \
+                or not self.gumbel_noise_final >= 0.0:
+            raise ValueError(f"gumbel_noise_final must be a number >= 0, got {self.gumbel_noise_final!r}")
+        if self.temperature_final is not None and (isinstance(self.temperature_final, bool)
+                                                   or not isinstance(self.temperature_final, (int, float))
+                                                   or not self.temperature_final > 0.0):
+            raise ValueError(f"temperature_final must be a number > 0 or None, got {self.temperature_final!r}")
+        if self.anneal_shape not in ANNEAL_SHAPES:
+            raise ValueError(f"anneal_shape must be one of {ANNEAL_SHAPES}, got {self.anneal_shape!r}")
+
+    def noise_at(self, step: int) -> float:
+        """Gumbel noise scale for optimizer step ``step`` (0-based) under this layer's annealing."""
+        if self.anneal_steps is None:
+            return float(self.gumbel_noise)
+        return anneal_value(step, self.anneal_steps, self.gumbel_noise, self.gumbel_noise_final, self.anneal_shape)
+
+    def temperature_at(self, step: int) -> float:
+        """Router temperature for optimizer step ``step`` (0-based) under this layer's annealing."""
+        if self.anneal_steps is None or self.temperature_final is None:
+            return float(self.temperature)
+        return anneal_value(step, self.anneal_steps, self.temperature, self.temperature_final, self.anneal_shape)
 
 
 class SkipLayerParts(ABC):
@@ -344,6 +394,42 @@ class SkipKVCache:
 def find_skip_layers(model: nn.Module) -> list[SkipRouting]:
     """Every SkipLayer under ``model``, in module order."""
     return [m for m in model.modules() if isinstance(m, SkipRouting)]
+
+
+def anneal_skip_layers(model: nn.Module, step: int) -> dict[str, float]:
+    """Set every SkipLayer router's noise and temperature for optimizer step ``step`` (call before each step).
+
+    Values come from each layer's options (:meth:`SkipLayerOptions.noise_at` / ``temperature_at``); layers without
+    ``anneal_steps`` keep their constant values. Returns ``{"skip_layer/gumbel_noise": mean, "skip_layer/temperature":
+    mean}`` over the learned routers (empty without any).
+    """
+    noises, temps = [], []
+    for layer in find_skip_layers(model):
+        layer.router.gumbel_noise = layer.options.noise_at(step)
+        layer.router.temperature = layer.options.temperature_at(step)
+        if layer.router.learned:
+            noises.append(layer.router.gumbel_noise)
+            temps.append(layer.router.temperature)
+    if not noises:
+        return {}
+    return {"skip_layer/gumbel_noise": sum(noises) / len(noises), "skip_layer/temperature": sum(temps) / len(temps)}
+
+
+@contextmanager
+def sampled_routing(model: nn.Module, noise: float | None = None) -> Iterator[nn.Module]:
+    """Evaluate ``model`` with training-style sampled routing: eval-mode routers add Gumbel noise of scale ``noise``
+    (default each layer's configured starting ``gumbel_noise``) instead of taking the argmax; restored on exit."""
+    if noise is not None and not noise >= 0.0:
+        raise ValueError(f"noise must be >= 0 or None, got {noise!r}")
+    layers = find_skip_layers(model)
+    saved = [layer.router.eval_noise for layer in layers]
+    try:
+        for layer in layers:
+            layer.router.eval_noise = float(layer.options.gumbel_noise if noise is None else noise)
+        yield model
+    finally:
+        for layer, value in zip(layers, saved):
+            layer.router.eval_noise = value
 
 
 def skip_layer_aux_loss(model: nn.Module) -> torch.Tensor:

@@ -5,9 +5,10 @@ Paper section 4.3 ("Homotopic Optimization Strategy"): replace ``s`` in the budg
 (so a budget of 2.5 visits ..., 3, 2.5). When to move to the next budget is configurable:
 
 * ``step_on="steps"``: after ``steps_per_stage`` optimizer steps at each budget (the last budget is kept forever);
-* ``step_on="convergence"``: once the budget term (``beta * (mean g - k/L)^2``, as passed to :meth:`step`) has
-  been ``<= tolerance`` for ``patience`` consecutive steps, and at least ``min_steps_per_stage`` steps were spent
-  at the current budget; ``max_steps_per_stage`` (optional) forces the move if it never converges.
+* ``step_on="convergence"``: once the convergence measure passed to :meth:`step` has been ``<= tolerance`` for
+  ``patience`` consecutive steps, and at least ``min_steps_per_stage`` steps were spent at the current budget;
+  ``max_steps_per_stage`` (optional) caps the steps at one budget if it never converges. ``HadSkipTrainer`` passes
+  the gap ``|mean layers used - k|`` in layers (independent of beta).
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ class HomotopicBudget:
     def step(self, budget_term: float | None = None) -> float:
         """Count one optimizer step at the current budget; move to the next budget when due. Returns the budget.
 
-        ``budget_term`` (the penalty value at this step) is required with ``step_on="convergence"``.
+        ``budget_term`` (the convergence measure at this step, e.g. the budget gap in layers) is required with
+        ``step_on="convergence"``.
         """
         self.total_steps += 1
         self.steps_in_stage += 1

@@ -169,7 +169,12 @@ def test_gate_pooling():
 def test_budget_penalty_value_and_errors():
     gates = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]])  # 4 of 8 -> mean 0.5
     assert budget_penalty(gates, 2.0).item() == 0.0
-    torch.testing.assert_close(budget_penalty(gates, 1.0, beta=2.0), torch.tensor(2.0 * 0.25**2))
+    # default unit "layers": rows use 3 and 1 layers, mean 2, one layer over the budget of 1
+    torch.testing.assert_close(budget_penalty(gates, 1.0, beta=2.0), torch.tensor(2.0 * 1.0**2))
+    # "fraction": mean g 0.5 vs 1/4, i.e. L^2 = 16 times weaker
+    torch.testing.assert_close(budget_penalty(gates, 1.0, beta=2.0, unit="fraction"), torch.tensor(2.0 * 0.25**2))
+    with pytest.raises(ValueError, match="unit must be 'layers' or 'fraction'"):
+        budget_penalty(gates, 1.0, unit="percent")
     with pytest.raises(ValueError, match="budget"):
         budget_penalty(gates, 5.0)
     with pytest.raises(ValueError, match=r"\[b, L\]"):

@@ -25,8 +25,8 @@ def test_budget_term_reaches_budget(budget):
     model.train()
     for _ in range(15 * (L - budget) + 60):
         out = model(ids)
-        penalty = budget_penalty(out.gates, sched.budget, beta=1.0)
-        loss = torch.nn.functional.cross_entropy(out.logits, labels) + 50.0 * penalty
+        penalty = budget_penalty(out.gates, sched.budget, beta=1.0)  # the paper's beta, gap in layers
+        loss = torch.nn.functional.cross_entropy(out.logits, labels) + penalty
         opt.zero_grad()
         loss.backward()
         opt.step()

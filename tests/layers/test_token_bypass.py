@@ -106,7 +106,7 @@ def test_sandwich_same_kept_set_highest_loss_and_specials():
     state = convert_to_random_ltd(model, config=_config(keep=12, special=(0,)))
     assert isinstance(state, TokenBypassState)
     wrapped = [i for i, m in enumerate(model.layers) if isinstance(m, RandomLTDLayer)]
-    assert wrapped == [3, 4]  # L//2 .. L-2: the first half and the last layer see every token
+    assert wrapped == [2, 3, 4]  # L/2-1 .. L-2 (Hou et al.'s i = L/2 - 1): the first L/2-1 and the last layer are full
     # scores: id v has loss v (so high ids are kept); special id 0 has the lowest score but is kept anyway
     ids = torch.arange(VOCAB).view(1, VOCAB)
     state.update(ids, ids.float())
@@ -145,11 +145,11 @@ def test_equals_literal_bypass_of_the_block_forward_and_backward():
     mask = torch.ones(s, s, dtype=torch.bool).triu(1).expand(b, 1, s, s)
     pos = torch.arange(s).expand(b, s)
     x = ref.embed(tokens)
-    for layer in ref.layers[:3]:
+    for layer in ref.layers[:2]:
         x = layer(x, attention_mask=mask, position_ids=pos)
     kept = gather_tokens(x, idx, batch_first=True)
     kmask, kpos = slice_attention_mask(mask, idx), gather_positions(pos, idx)
-    for layer in ref.layers[3:5]:
+    for layer in ref.layers[2:5]:
         kept = layer(kept, attention_mask=kmask, position_ids=kpos)
     x = ref.layers[5](scatter_tokens(x, kept, idx, batch_first=True), attention_mask=mask, position_ids=pos)
     expected = ref.head(x)
@@ -182,7 +182,7 @@ def test_eval_is_full_and_missing_ids_error_and_state_dict():
 
 def test_config_defaults_and_errors():
     cfg = _config()
-    assert cfg.random_ltd_layer_id == [3, 4] and cfg.token_bypass.moving_average == 0.5
+    assert cfg.random_ltd_layer_id == [2, 3, 4] and cfg.token_bypass.moving_average == 0.5
     explicit = _config(layer_set="all_but_first_and_last")  # the paper's "Set 2"
     assert explicit.random_ltd_layer_id == [1, 2, 3, 4]
     with pytest.raises(ConfigError, match="token_bypass.special_token_ids"):

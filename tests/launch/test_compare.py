@@ -1,0 +1,149 @@
+"""launch/compare.py's design without training: planned budgets, rescaled MSLG, LayerToken LR totals, the per-arm
+LR sweep, dropout on the command line, and the statistics under the table (a fake runner stands in for training)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from launch import compare
+from random_ltd.config import RandomLTDConfig, layer_token_lr_config_from_deepspeed
+from random_ltd.schedules import planned_layer_tokens
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = json.loads((ROOT / "configs" / "tiny_gpt_cpu.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def planner() -> compare.Planner:
+    return compare.Planner(RECIPE, train_iters=200, seq_len=256, num_layers=8)
+
+
+def _block(ds: dict) -> dict:
+    return ds["data_efficiency"]["data_routing"]["random_ltd"]
+
+
+def test_equal_steps_arm_is_the_recipe(planner) -> None:
+    ds = planner.config(True, 200)
+    assert _block(ds)["random_ltd_schedule"] == _block(RECIPE)["random_ltd_schedule"]
+    lr = layer_token_lr_config_from_deepspeed(ds)
+    assert lr.total_layer_tokens == _block(RECIPE)["layer_token_lr_schedule"]["total_layer_tokens"] == 4456960
+    assert lr.warmup_layer_tokens == 256 * 8 * 16 * 20  # eq. 1
+    assert planner.planned(ds, 200) == 4456960
+
+
+@pytest.mark.parametrize("arm", ["random-ltd-budget", "random-ltd-2/3"])
+def test_budget_arms_rescale_mslg_and_decay_over_their_own_consumption(planner, arm: str) -> None:
+    dropping, budget = compare.ARMS[arm]
+    steps = planner.steps_for(dropping, budget)
+    ds = planner.config(dropping, steps)
+    target = budget * 200 * 16 * 256 * 8
+    consumed = planner.planned(ds, steps)
+    # the plan of the chosen length is the closest to the budget: within one step's layer-tokens
+    assert abs(consumed - target) <= 16 * 256 * 8
+    # MSLG reaches full length at the recipe's fraction of the arm's own length (170/200 = 0.85)
+    assert _block(ds)["random_ltd_schedule"]["schedule_config"]["require_steps"] == round(0.85 * steps)
+    lr = layer_token_lr_config_from_deepspeed(ds)
+    cfg = RandomLTDConfig.from_deepspeed(ds)
+    assert lr.total_layer_tokens == planned_layer_tokens(cfg, steps, 16, 256)[0] == consumed
+    assert ds["scheduler"]["params"]["total_num_steps"] == steps
+    # the recipe itself saves ~32% per step, so the budget arm runs longer than the baseline
+    assert (steps > 200) == (budget == 1.0)
+
+
+def test_baseline_arms(planner) -> None:
+    assert planner.steps_for(False, None) == 200 and planner.steps_for(False, 1.5) == 300
+    ds = planner.config(False, 300, lr=1e-3, warmup=30)
+    assert not _block(ds)["enabled"] and not _block(ds)["layer_token_lr_schedule"]["enabled"]
+    p = ds["scheduler"]["params"]
+    assert (p["total_num_steps"], p["warmup_num_steps"], p["warmup_max_lr"], ds["optimizer"]["params"]["lr"]) == (
+        300, 30, 1e-3, 1e-3)
+    assert planner.planned(ds, 300) == 300 * 16 * 256 * 8
+
+
+def _fake_runner(calls: list):
+    def run(name, seed, ds, steps, args, tag=""):
+        calls.append((name, seed, tag, steps))
+        lr = ds["optimizer"]["params"]["lr"]
+        # a fake loss: best at lr 2e-3 for random-LTD arms and 4e-3 for baselines; seeds add spread
+        best = 2e-3 if _block(ds).get("enabled") else 4e-3
+        loss = 1.8 + 50 * abs(lr - best) + 0.001 * (seed % 7) - (0.1 if name == "random-ltd-budget" else 0.0)
+        consumed = compare.Planner(ds, train_iters=steps, seq_len=256, num_layers=8).planned(ds, steps)
+        return {"arm": name, "steps": steps, "final_val_loss": loss, "consumed_layer_tokens": consumed,
+                "wall_s": 1.0, "curve": []}
+    return run
+
+
+def test_paper_design_sweeps_each_arm_and_tests_the_claims(tmp_path) -> None:
+    calls: list = []
+    summary = compare.main(["--design", "paper", "--seeds", "3", "--lr-grid", "1e-3,2e-3,4e-3", "--out",
+                            str(tmp_path)], runner=_fake_runner(calls))
+    arms = compare.PAPER_ARMS
+    # 3 sweep runs per arm on the sweep seed, then 3 reported seeds per arm at the arm's best LR
+    assert sum(1 for c in calls if c[1] == 999) == 3 * len(arms)
+    assert sorted({c[1] for c in calls}) == [999, 1234, 1235, 1236]
+    for arm in arms:
+        assert summary["settings"][arm]["lr"] == (2e-3 if compare.ARMS[arm][0] else 4e-3)
+        assert len(summary["results"][arm]) == 3
+    claimed = {(c["a"], c["b"]) for c in summary["comparisons"]}
+    assert claimed == set(compare.CLAIMS)
+    budget = next(c for c in summary["comparisons"] if c["a"] == "random-ltd-budget" and c["b"] == "baseline")
+    assert budget["diff"] == pytest.approx(-0.1, abs=1e-9) and budget["p"] < 0.05
+    text = (tmp_path / "table.md").read_text()
+    assert "Welch's t-test" in text and "random-ltd-budget − baseline-1.5x" in text and "± " in text
+    assert summary["dropout"] == 0.1
+
+
+def test_default_is_the_quick_demo(tmp_path) -> None:
+    calls: list = []
+    summary = compare.main(["--out", str(tmp_path)], runner=_fake_runner(calls))
+    assert [c[0] for c in calls] == ["baseline", "random-ltd"] and summary["comparisons"] == []
+    assert "fewer than 2 seeds: no tests" in (tmp_path / "table.md").read_text()
+
+
+def test_bad_arguments(tmp_path) -> None:
+    with pytest.raises(SystemExit, match="unknown"):
+        compare.main(["--arms", "baseline,foo", "--out", str(tmp_path)], runner=_fake_runner([]))
+    with pytest.raises(SystemExit, match="--num-layers 6 != the config's total_layer_num 8"):
+        compare.main(["--num-layers", "6", "--out", str(tmp_path)], runner=_fake_runner([]))
+    with pytest.raises(SystemExit, match="comma-separated"):
+        compare.main(["--lr-grid", "1e-3,x", "--out", str(tmp_path)], runner=_fake_runner([]))
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({k: v for k, v in RECIPE.items() if k != "scheduler"}))
+    with pytest.raises(SystemExit, match="--warmup-grid: the config has no 'scheduler' block"):
+        compare.main(["--deepspeed_config", str(bare), "--warmup-grid", "5,10", "--out", str(tmp_path)],
+                     runner=_fake_runner([]))
+
+
+def test_run_arm_passes_dropout_and_the_arm_config(tmp_path, monkeypatch) -> None:
+    seen = {}
+
+    def fake_run(cmd, env, check, cwd):
+        seen["cmd"] = cmd
+        out = Path(cmd[cmd.index("--results") + 1])
+        out.write_text(json.dumps({"steps": 3, "final_val_loss": 2.0, "consumed_layer_tokens": 1, "wall_s": 1.0,
+                                   "curve": []}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    args = compare.parse_args(["--out", str(tmp_path), "--dropout", "0.1"])
+    args.seq_length, args.num_layers = 256, 8
+    planner = compare.Planner(RECIPE, train_iters=200, seq_len=256, num_layers=8)
+    compare.run_arm("baseline-1.5x", 1234, planner.config(False, 300), 300, args)
+    cmd = seen["cmd"]
+    assert cmd[cmd.index("--hidden-dropout") + 1] == "0.1" and cmd[cmd.index("--attention-dropout") + 1] == "0.1"
+    assert "--baseline" in cmd and cmd[cmd.index("--train-iters") + 1] == "300"
+    written = json.loads(Path(cmd[cmd.index("--deepspeed_config") + 1]).read_text())
+    assert written["scheduler"]["params"]["total_num_steps"] == 300
+
+
+def test_recipe_without_a_scheduler_gets_none() -> None:
+    recipe = {k: v for k, v in RECIPE.items() if k != "scheduler"}
+    p = compare.Planner(recipe, train_iters=200, seq_len=256, num_layers=8)
+    assert "scheduler" not in p.config(False, 300, lr=1e-3, warmup=5)
+    ds = p.config(True, 200, lr=1e-3)
+    assert "scheduler" not in ds and ds["optimizer"]["params"]["lr"] == 1e-3
+    assert layer_token_lr_config_from_deepspeed(ds).warmup_layer_tokens == 0
