@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -49,11 +50,38 @@ def _base_class(module: nn.Module) -> type:
     return next(c for c in type(module).__mro__ if not issubclass(c, RandomLTDLayer))
 
 
+def _runs(container: nn.Module) -> list[list[nn.Module]]:
+    """Maximal runs (length >= 2) of consecutive children of one block class (a class with submodules).
+
+    An ``nn.ModuleList`` counts only whole (all children of one class, any class): a part of a mixed list (e.g.
+    alternating attention and state-space layers) is not "the transformer layers", so it must be named explicitly.
+    """
+    if isinstance(container, nn.ModuleList):
+        children = list(container)
+        whole = len(children) >= 2 and len({_base_class(c) for c in children}) == 1
+        return [children] if whole else []
+    runs: list[list[nn.Module]] = []
+    run: list[nn.Module] = []
+    for child in container.children():
+        if run and _base_class(child) is _base_class(run[0]):
+            run.append(child)
+            continue
+        if len(run) >= 2:
+            runs.append(run)
+        run = [child] if next(child.children(), None) is not None else []
+    if len(run) >= 2:
+        runs.append(run)
+    return runs
+
+
 def find_layers(model: nn.Module, layers: LayerSpec = None) -> list[nn.Module]:
     """The ordered transformer layers of ``model``.
 
     ``layers`` may be a layer class (or tuple of classes): every instance in module order; an explicit sequence of
-    modules; or None: the longest ``nn.ModuleList`` whose children all share one class (``h``, ``layers``, ...).
+    modules; or None: the longest run of consecutive same-class blocks (modules with submodules) among the children
+    of any container: an ``nn.ModuleList`` of one class (``h``, ``layers``, ...), or in an ``nn.Sequential`` (timm/ViT
+    ``blocks``) or any other module a run of modules that have submodules (so an MLP's ``Linear`` layers never
+    count). Two longest runs of equal length are ambiguous: the error names them.
     """
     if isinstance(layers, type) or (isinstance(layers, tuple) and layers and all(isinstance(c, type) for c in layers)):
         found = [m for m in model.modules() if isinstance(m, layers)]
@@ -66,14 +94,19 @@ def find_layers(model: nn.Module, layers: LayerSpec = None) -> list[nn.Module]:
         if not all(isinstance(m, nn.Module) for m in found):
             raise TypeError("layers must be a layer class, a tuple of classes, or a sequence of nn.Module layers")
         return found
-    best: list[nn.Module] = []
-    for m in model.modules():
-        if isinstance(m, nn.ModuleList) and len(m) > len(best) and len({_base_class(c) for c in m}) == 1:
-            best = list(m)
-    if not best:
-        raise ValueError(f"layers: could not find the transformer layers of {type(model).__name__} "
-                         "(no nn.ModuleList of one layer class); pass the layer class or the layers")
-    return best
+    names = {id(m): name for name, m in model.named_modules()}
+    candidates = [run for m in model.modules() for run in _runs(m)]
+    if not candidates:
+        raise ValueError(f"layers: could not find the transformer layers of {type(model).__name__} (no container "
+                         "holds two or more consecutive blocks of one class); pass the layer class or the layers")
+    longest = max(len(run) for run in candidates)
+    best = [run for run in candidates if len(run) == longest]
+    if len(best) > 1:
+        listed = "; ".join(f"{len(run)} x {_base_class(run[0]).__name__} at "
+                           f"{names[id(run[0])] or '<root>'}..{names[id(run[-1])]}" for run in best)
+        raise ValueError(f"layers: the transformer layers of {type(model).__name__} are ambiguous, candidates: "
+                         f"{listed}; pass the layer class or the layers (layers=...)")
+    return best[0]
 
 
 def get_random_ltd_state(model: Any) -> RandomLTDState | None:
@@ -110,7 +143,7 @@ def _new_state(root: nn.Module, config: RandomLTDConfig, data_parallel_rank: int
 def convert_to_random_ltd(
     model: Any,
     layers: LayerSpec = None,
-    config: RandomLTDConfig | dict | None = None,
+    config: RandomLTDConfig | dict | str | os.PathLike | None = None,
     *,
     layer_ids: Sequence[int] | None = None,
     data_parallel_rank: int | None = None,
@@ -123,7 +156,7 @@ def convert_to_random_ltd(
     Args:
         model: the model, or a DeepSpeed engine holding it.
         layers: which modules are the transformer layers (see ``find_layers``); default: auto-detected.
-        config: a ``RandomLTDConfig``, or a DeepSpeed config dict containing the random-LTD block; default: the
+        config: a ``RandomLTDConfig``, or a DeepSpeed config (dict or JSON path) with the random-LTD block; default: the
             paper's defaults (every layer but the first and the last, ``[s, b, h]`` hidden states).
         layer_ids: override which layer indices are wrapped.
         data_parallel_rank: folded into the seed so that data-parallel replicas drop different tokens
@@ -137,6 +170,8 @@ def convert_to_random_ltd(
     root = _unwrap_engine(model)
     if config is None:
         config = RandomLTDConfig()
+    elif isinstance(config, (str, os.PathLike)):
+        config = RandomLTDConfig.from_deepspeed(config)  # a DeepSpeed JSON config file
     elif isinstance(config, dict):
         config = RandomLTDConfig.from_deepspeed(config) if "data_efficiency" in config else \
             RandomLTDConfig.model_validate(config)
