@@ -81,3 +81,28 @@ def test_wrapped_blocks_still_count_as_one_class() -> None:
     model = TimmViT(depth=4)
     convert_to_random_ltd(model, config={"total_layer_num": 4})
     assert find_layers(model) == list(model.blocks)
+
+
+class LoraLinear(nn.Module):
+    """PEFT's lora.Linear shape: a container (base layer + adapters), so consecutive projections form a run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base_layer = nn.Linear(8, 8)
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(8, 2)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(2, 8)})
+
+
+class LoraBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.q, self.k, self.v, self.o = LoraLinear(), LoraLinear(), LoraLinear(), LoraLinear()
+        self.experts = nn.ModuleList([Block() for _ in range(6)])
+
+
+def test_repeats_inside_a_layer_do_not_count() -> None:
+    """Two layers, each holding 4 LoRA projections and 6 experts: the layers are the two blocks."""
+    model = nn.Module()
+    model.layers = nn.ModuleList([LoraBlock(), LoraBlock()])
+    assert find_layers(model) == list(model.layers)
