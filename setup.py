@@ -88,22 +88,36 @@ def _extensions() -> tuple[list, dict]:
     return [ext], {"build_ext": BuildExtension}
 
 
+def _requirements() -> tuple[list[str], dict[str, list[str]]]:
+    """install_requires and extras_require from requirements.txt (one place for the supported ranges)."""
+    core, extras = ["torch>=2.13"], {}
+    for line in (Path(__file__).resolve().parent / "requirements.txt").read_text().splitlines():
+        req, _, tag = line.partition("#")
+        req, tag = req.strip(), tag.strip()
+        if not req:
+            continue
+        if tag.startswith("core"):
+            core.append(req)
+        elif tag.startswith("extra:"):
+            extras.setdefault(tag.split()[1], []).append(req)
+        else:
+            raise ValueError(f"requirements.txt: {line!r} has no '# core' or '# extra: NAME' tag")
+    extras["all"] = sorted({r for reqs in extras.values() for r in reqs})
+    return core, extras
+
+
 ext_modules, cmdclass = _extensions()
+install_requires, extras_require = _requirements()
 
 setup(
     name="random_ltd",
     version="0.1.0",
     description="Random layerwise token dropping (random-LTD) for PyTorch, with CPU and CUDA kernels",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     # Namespace discovery: picks up every folder under random_ltd/ whether or not it has an __init__.py yet.
     packages=find_namespace_packages(include=["random_ltd", "random_ltd.*"]),
-    install_requires=["torch>=2.4", "numpy", "pydantic>=2", "hjson"],
-    extras_require={
-        "deepspeed": ["deepspeed>=0.16"],
-        "test": ["pytest", "hypothesis", "ruff"],
-        "monitor": ["wandb", "tensorboard"],
-        "plot": ["matplotlib"],
-    },
+    install_requires=install_requires,
+    extras_require=extras_require,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -123,5 +123,7 @@ def write_outputs(results: list[dict], out: Path, title: str, command: str) -> s
 
 
 def load_ds_config(path: str) -> dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)
+    """The DeepSpeed config at ``path``, read as DeepSpeed reads it (Hjson, duplicate keys rejected)."""
+    from random_ltd.config import load_deepspeed_config
+
+    return load_deepspeed_config(path)

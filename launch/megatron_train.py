@@ -147,8 +147,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 def deepspeed_config(args: argparse.Namespace) -> dict:
     """The DeepSpeed config with the random-LTD block fitted to the model and the ``--baseline`` switch."""
-    with open(args.deepspeed_config) as f:
-        ds = json.load(f)
+    from random_ltd.config import load_deepspeed_config
+
+    ds = load_deepspeed_config(args.deepspeed_config)  # as DeepSpeed reads it: Hjson, duplicate keys rejected
     if args.micro_batch_size is not None:
         ds["train_micro_batch_size_per_gpu"] = args.micro_batch_size
     if args.global_batch_size is not None:

@@ -456,3 +456,178 @@ def test_block_form_converts_to_lr_config() -> None:
 def test_every_field_is_documented(model: type) -> None:
     undocumented = [name for name, field in model.model_fields.items() if not (field.description or "").strip()]
     assert not undocumented
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Typos that would switch random-LTD off silently
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def renamed(ds: dict[str, Any], dotted: str, new_name: str) -> dict[str, Any]:
+    """Deep copy of ``ds`` with the key at ``dotted`` renamed to ``new_name`` (same parent)."""
+    out = copy.deepcopy(ds)
+    *parents, last = dotted.split(".")
+    node = out
+    for key in parents:
+        node = node[key]
+    node[new_name] = node.pop(last)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("dotted", "typo", "path", "hint"),
+    [
+        ("data_efficiency", "data_efficency", "data_efficency", "looks like 'data_efficiency'"),
+        ("data_efficiency", "data-efficiency", "data-efficiency", "looks like 'data_efficiency'"),
+        ("data_efficiency", "Data_Efficiency", "Data_Efficiency", "looks like 'data_efficiency'"),
+        ("data_efficiency.data_routing", "data_routings", "data_efficiency.data_routings",
+         "did you mean 'data_routing'"),
+        ("data_efficiency.data_routing", "data-routing", "data_efficiency.data-routing",
+         "did you mean 'data_routing'"),
+        (RLTD, "random-ltd", "data_efficiency.data_routing.random-ltd", "did you mean 'random_ltd'"),
+        (RLTD, "random_ltdd", "data_efficiency.data_routing.random_ltdd", "did you mean 'random_ltd'"),
+        (RLTD, "randomltd", "data_efficiency.data_routing.randomltd", "did you mean 'random_ltd'"),
+        ("data_efficiency.seed", "seeds", "data_efficiency.seeds", "did you mean 'seed'"),
+        ("data_efficiency.data_routing.enabled", "enable", "data_efficiency.data_routing.enable",
+         "did you mean 'enabled'"),
+    ],
+)
+def test_misspelled_block_or_parent_is_an_error(dotted: str, typo: str, path: str, hint: str) -> None:
+    ds = renamed(load(GPT_JSON), dotted, typo)
+    for load_fn in (RandomLTDConfig.from_deepspeed, layer_token_lr_config_from_deepspeed):
+        with pytest.raises(ConfigError) as info:
+            load_fn(ds)
+        assert [i.path for i in info.value.issues] == [path]
+        assert hint in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("dotted", "where", "path"),
+    [
+        (RLTD, "data_efficiency.random_ltd", "data_efficiency.random_ltd"),  # one level too high
+        (RLTD, "random_ltd", "random_ltd"),  # at the top level
+        ("data_efficiency.data_routing", "data_routing", "data_routing"),
+    ],
+)
+def test_misplaced_block_is_an_error_naming_its_place(dotted: str, where: str, path: str) -> None:
+    ds = load(GPT_JSON)
+    value = copy.deepcopy(eval_path(ds, dotted))
+    ds = mutated(ds, dotted, DELETE)
+    ds = mutated(ds, where, value)
+    with pytest.raises(ConfigError) as info:
+        RandomLTDConfig.from_deepspeed(ds)
+    assert path in [i.path for i in info.value.issues]
+    home = RLTD if dotted == RLTD else "data_efficiency.data_routing"
+    assert home in str(info.value)
+
+
+def eval_path(ds: dict[str, Any], dotted: str) -> Any:
+    node: Any = ds
+    for key in dotted.split("."):
+        node = node[key]
+    return node
+
+
+def test_unknown_key_in_a_parent_is_an_error() -> None:
+    for parent in ("data_efficiency", "data_efficiency.data_routing"):
+        with pytest.raises(ConfigError) as info:
+            RandomLTDConfig.from_deepspeed(mutated(load(GPT_JSON), f"{parent}.foo", 1))
+        assert [i.path for i in info.value.issues] == [f"{parent}.foo"]
+        assert "unknown key 'foo'" in str(info.value)
+
+
+def test_deepspeed_data_efficiency_keys_stay_accepted() -> None:
+    """Everything DeepSpeed 0.19.8 reads in data_efficiency (data_sampling and its sub-blocks included) loads, also
+    after DeepSpeed's own parser has filled in its defaults (it mutates the dict it is given)."""
+    from deepspeed.runtime.data_pipeline.config import get_data_efficiency_config
+
+    ds = load(GPT_JSON)
+    ds["data_efficiency"]["data_sampling"] = {
+        "enabled": False, "num_epochs": 2, "num_workers": 0, "pin_memory": False,
+        "curriculum_learning": {"enabled": False, "data_cluster_path": "/tmp/x", "curriculum_metrics": {}},
+        "dynamic_batching": {"enabled": False, "max_tokens": 4096},
+    }
+    expected = RandomLTDConfig.from_deepspeed(ds)
+    get_data_efficiency_config(ds)
+    assert RandomLTDConfig.from_deepspeed(ds) == expected
+    # a config with no data_efficiency at all, and one with unrelated top-level keys, stay fine
+    assert RandomLTDConfig.from_deepspeed({"train_batch_size": 8, "data_types": {}}).enabled is False
+    ds = {"train_batch_size": 8}
+    get_data_efficiency_config(ds)
+    assert RandomLTDConfig.from_deepspeed(ds).enabled is False
+
+
+def test_unknown_block_key_suggests_the_close_one() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key 'require_step' \(did you mean 'require_steps'\?\)"):
+        RandomLTDConfig.from_deepspeed(mutated(load(GPT_JSON), f"{RLTD}.{SC}.require_step", 5))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Seeds: one range, [0, 2**63 - 1]; larger ones would alias smaller ones
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [2**63, 2**64, 2**64 + 1234, -1, 1e19], ids=str)
+def test_seed_outside_the_range_is_an_error(seed: Any) -> None:
+    with pytest.raises(ConfigError, match=rf"^{RLTD}\.seed: "):
+        RandomLTDConfig.model_validate(minimal(seed=seed))
+    if seed != -1:
+        with pytest.raises(ConfigError, match=r"^data_efficiency\.seed: .*2\*\*63 - 1"):
+            RandomLTDConfig.from_deepspeed(mutated(load(GPT_JSON), "data_efficiency.seed", seed))
+
+
+def test_seed_range_edges_accepted() -> None:
+    from random_ltd.seeds import SEED_MAX
+
+    assert SEED_MAX == 2**63 - 1
+    assert RandomLTDConfig.model_validate(minimal(seed=SEED_MAX)).seed == SEED_MAX
+    assert RandomLTDConfig.model_validate(minimal(seed=0)).seed == 0
+    assert RandomLTDConfig.from_deepspeed(mutated(load(GPT_JSON), "data_efficiency.seed", SEED_MAX)).seed == SEED_MAX
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Layer counts: a documented upper bound, linear checks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["enabled", "disabled"])
+@pytest.mark.parametrize("layers", [2**16 + 1, 10**12], ids=str)
+def test_total_layer_num_above_the_bound_is_a_config_error(layers: int, enabled: bool) -> None:
+    with pytest.raises(ConfigError) as info:
+        RandomLTDConfig.model_validate(minimal(total_layer_num=layers, enabled=enabled))
+    assert [i.path for i in info.value.issues] == [f"{RLTD}.total_layer_num"]
+    assert "65536" in str(info.value)
+
+
+def test_total_layer_num_at_the_bound_gets_the_default_layers() -> None:
+    from random_ltd.config import MAX_LAYERS
+
+    assert MAX_LAYERS == 2**16
+    cfg = RandomLTDConfig.model_validate(minimal(total_layer_num=MAX_LAYERS))
+    assert cfg.random_ltd_layer_id == list(range(1, MAX_LAYERS - 1))
+    assert cfg.random_ltd_layer_num == MAX_LAYERS - 2
+
+
+def test_duplicate_check_on_many_layers_names_the_duplicates_briefly() -> None:
+    ids = [*range(2**16), 7, 9]
+    with pytest.raises(ConfigError) as info:
+        RandomLTDConfig.model_validate(minimal(total_layer_num=None, enabled=False, random_ltd_layer_id=ids))
+    text = str(info.value)
+    assert "duplicate layer ids [7, 9]" in text and "(65538 values)" in text
+    assert len(text) < 1000
+
+
+def test_layer_ids_bounded_without_total_layer_num() -> None:
+    with pytest.raises(ConfigError, match="outside \\[0, 65536\\)"):
+        RandomLTDConfig.model_validate({"random_ltd_layer_id": [1, 2**16]})
+    with pytest.raises(ConfigError, match="outside \\[0, 65536\\)"):
+        RandomLTDConfig.model_validate({"random_ltd_layer_id": [-1, 2]})
+
+
+def test_skip_layer_layer_bounds() -> None:
+    from random_ltd.config import SkipLayerConfig
+
+    with pytest.raises(ConfigError, match=r"^skip_layer\.layers: layer ids \[65536\] >= MAX_LAYERS"):
+        SkipLayerConfig(layers=[0, 2**16])
+    with pytest.raises(ConfigError, match=r"^skip_layer\.layers: duplicate layer ids \[3\]"):
+        SkipLayerConfig(layers=[*range(2**16), 3])

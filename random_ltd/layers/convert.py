@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from torch import nn
 
@@ -18,6 +18,7 @@ from random_ltd.layers.state import RandomLTDState
 
 if TYPE_CHECKING:
     from random_ltd.config import RandomLTDConfig
+    from random_ltd.config.random_ltd import HiddenStateOrder
 
 __all__ = ["convert_to_random_ltd", "find_layers", "get_random_ltd_state"]
 
@@ -157,6 +158,7 @@ def convert_to_random_ltd(
     layers: LayerSpec = None,
     config: RandomLTDConfig | dict | str | os.PathLike | None = None,
     *,
+    hidden_state_order: HiddenStateOrder | None = None,
     layer_ids: Sequence[int] | None = None,
     data_parallel_rank: int | None = None,
 ) -> RandomLTDState:
@@ -168,25 +170,42 @@ def convert_to_random_ltd(
     Args:
         model: the model, or a DeepSpeed engine holding it.
         layers: which modules are the transformer layers (see ``find_layers``); default: auto-detected.
-        config: a ``RandomLTDConfig``, or a DeepSpeed config (dict or JSON path) with the random-LTD block; default: the
-            paper's defaults (every layer but the first and the last, ``[s, b, h]`` hidden states).
+        config: a ``RandomLTDConfig``, a DeepSpeed config (dict or JSON path) with the random-LTD block, or the
+            block alone (dict); default: the paper's defaults (every layer but the first and the last) with the
+            ``hidden_state_order`` given here.
+        hidden_state_order: layout of the layers' hidden states: ``"seq_batch_dim"`` (``[s, b, h]``, Megatron) or
+            ``"batch_seq_dim"`` (``[b, s, h]``, HF). Required when ``config`` is None: a wrong layout would drop
+            batch rows instead of tokens without any error, so there is no silent default. With a ``config`` it
+            may be given to restate the config's ``hidden_state_order``, and must then agree with it.
         layer_ids: override which layer indices are wrapped.
         data_parallel_rank: folded into the seed so that data-parallel replicas drop different tokens
             (default: ``torch.distributed`` rank when initialised, else 0).
 
     Raises:
-        ValueError: layer ids out of range, or a config whose ``total_layer_num`` disagrees with the model.
+        ValueError: layer ids out of range, a config whose ``total_layer_num`` disagrees with the model, or
+            ``hidden_state_order`` missing (no config), not one of the two layouts, or disagreeing with the config.
     """
     from random_ltd.config import RandomLTDConfig
+    from random_ltd.config.random_ltd import HiddenStateOrder
 
     root = _unwrap_engine(model)
+    if hidden_state_order is not None and hidden_state_order not in get_args(HiddenStateOrder):
+        raise ValueError(f"hidden_state_order: expected one of {get_args(HiddenStateOrder)}, got "
+                         f"{hidden_state_order!r}")
     if config is None:
-        config = RandomLTDConfig()
+        if hidden_state_order is None:
+            raise ValueError("hidden_state_order is required when no config is given: 'seq_batch_dim' for [s, b, h] "
+                             "hidden states (Megatron) or 'batch_seq_dim' for [b, s, h] (HF); a wrong layout would "
+                             "drop batch rows instead of tokens")
+        config = RandomLTDConfig(hidden_state_order=hidden_state_order)
     elif isinstance(config, (str, os.PathLike)):
         config = RandomLTDConfig.from_deepspeed(config)  # a DeepSpeed JSON config file
     elif isinstance(config, dict):
         config = RandomLTDConfig.from_deepspeed(config) if "data_efficiency" in config else \
             RandomLTDConfig.model_validate(config)
+    if hidden_state_order is not None and hidden_state_order != config.hidden_state_order:
+        raise ValueError(f"hidden_state_order: {hidden_state_order!r} disagrees with the config's "
+                         f"data_efficiency.data_routing.random_ltd.hidden_state_order {config.hidden_state_order!r}")
     found = find_layers(root, layers)
     total = len(found)
     if config.total_layer_num is not None and config.total_layer_num != total:

@@ -7,6 +7,7 @@ relies on them) and its place in the model; ``unwrap_random_ltd`` restores the o
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from random_ltd.layers.state import RandomLTDState
 from random_ltd.ops import gather_positions, gather_tokens, scatter_tokens, slice_attention_mask
 
 __all__ = ["RandomLTDLayer", "RandomLTDLayerOptions", "wrap_layer", "unwrap_random_ltd", "register_layer_mixin",
-           "DEFAULT_POSITION_NAMES"]
+           "layer_mixins", "positional_indices", "DEFAULT_POSITION_NAMES"]
 
 #: keyword names whose values are per-token positions (gathered with the kept indices)
 DEFAULT_POSITION_NAMES = ("position_ids", "rotary_pos_emb", "position_embeddings", "cache_position")
@@ -63,6 +64,12 @@ class RandomLTDLayer(nn.Module):
     def check_supported(cls, layer: nn.Module) -> None:
         """Raise if ``layer`` is configured in a way this wrapper cannot handle (framework mixins override)."""
 
+    @classmethod
+    def random_ltd_setup(cls, layer: nn.Module, options: RandomLTDLayerOptions) -> RandomLTDLayerOptions:
+        """The options the wrapped ``layer`` runs with: a framework mixin may check them or extend them with what
+        it reads off the layer (``wrap_layer`` calls this before the class swap)."""
+        return options
+
     def forward(self, *args, **kwargs):
         inner = super().forward
         opts = self.random_ltd_options
@@ -104,7 +111,7 @@ class RandomLTDLayer(nn.Module):
         return type(out)((full, *out[1:])) if isinstance(out, tuple) else [full, *out[1:]]
 
 
-def _positional_indices(layer: nn.Module, names: Iterable[str]) -> dict[str, int]:
+def positional_indices(layer: nn.Module, names: Iterable[str]) -> dict[str, int]:
     """Position of each named parameter in ``forward``'s signature, to find masks passed positionally."""
     try:
         params = list(inspect.signature(type(layer).forward).parameters.values())[1:]  # drop self
@@ -136,10 +143,29 @@ def register_layer_mixin(base: type, mixin: type) -> None:
     _MIXINS.sort(key=lambda bm: -len(bm[0].__mro__))  # most derived base first
 
 
+#: module prefix of a framework's layers -> the adapter module that registers its mixin on import
+_ADAPTERS = {"transformers.": "random_ltd.integrations.transformers.convert",
+             "megatron.core.": "random_ltd.integrations.megatron.layer"}
+
+
+def _import_adapter(cls: type) -> None:
+    """Import the adapter of the framework ``cls`` comes from, so its mixin is registered whichever entry point
+    (``random_ltd.initialize``, ``convert_to_random_ltd`` or the adapter's own ``convert``) wraps the layer."""
+    for prefix, module in _ADAPTERS.items():
+        if any(c.__module__.startswith(prefix) for c in cls.__mro__):
+            importlib.import_module(module)
+
+
+def layer_mixins() -> list[tuple[type, type]]:
+    """The registered ``(layer base class, mixin)`` pairs, most specific first."""
+    return list(_MIXINS)
+
+
 def _wrapped_class(cls: type) -> type:
     if issubclass(cls, RandomLTDLayer):
         return cls
     if cls not in _CLASS_CACHE:
+        _import_adapter(cls)
         mixin = next((m for b, m in _MIXINS if issubclass(cls, b)), RandomLTDLayer)
         # Defined at module level through a cache so that every wrapped GPT2Block shares one class.
         _CLASS_CACHE[cls] = type(f"RandomLTD{cls.__name__}", (mixin, cls), {"__module__": cls.__module__})
@@ -150,9 +176,10 @@ def wrap_layer(layer: nn.Module, state: RandomLTDState, options: RandomLTDLayerO
     """Turn ``layer`` (in place) into a random-LTD layer sharing ``state``; returns the same object."""
     if not isinstance(layer, nn.Module):
         raise TypeError(f"layer must be an nn.Module, got {type(layer).__name__}")
-    options._positional = _positional_indices(layer, (*options.mask_names, *options.position_names))
+    options._positional = positional_indices(layer, (*options.mask_names, *options.position_names))
     cls = _wrapped_class(type(layer))
     cls.check_supported(layer)
+    options = cls.random_ltd_setup(layer, options)
     layer.__class__ = cls
     layer.random_ltd_options = options
     layer.random_ltd_state = state

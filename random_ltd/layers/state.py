@@ -14,14 +14,22 @@ import torch
 
 from random_ltd.ops import sample_sorted_indices
 from random_ltd.ops.reference import philox4x32
+from random_ltd.seeds import SEED_MAX, check_seed
 
 __all__ = ["RandomLTDState", "LayerTokenCount", "rank_seed"]
 
-_SEED_MASK = 2**63 - 1
+_SEED_MASK = SEED_MAX
 
 
 def rank_seed(seed: int, data_parallel_rank: int) -> int:
-    """A 63-bit seed for one data-parallel rank, derived from the base seed (distinct streams per rank)."""
+    """A 63-bit seed for one data-parallel rank, derived from the base seed (distinct streams per rank).
+
+    Raises:
+        TypeError / ValueError: ``seed`` outside ``[0, 2**63 - 1]`` (``random_ltd.seeds``), or a negative rank.
+    """
+    check_seed(seed)
+    if isinstance(data_parallel_rank, bool) or not isinstance(data_parallel_rank, int) or data_parallel_rank < 0:
+        raise ValueError(f"data_parallel_rank must be an int >= 0, got {data_parallel_rank!r}")
     if data_parallel_rank == 0:
         return seed & _SEED_MASK
     a, b, _, _ = philox4x32((data_parallel_rank & 0xFFFFFFFF, data_parallel_rank >> 32, 0x5EED, 0),
@@ -51,7 +59,8 @@ class RandomLTDState:
     """What the wrapped layers of one model share.
 
     Attributes:
-        seed: base seed from the config; ``data_parallel_rank`` is folded in by ``rank_seed``.
+        seed: base seed from the config, in ``[0, 2**63 - 1]``; ``data_parallel_rank`` is folded in by
+            ``rank_seed``.
         total_layers: L, to count the layer-tokens of the layers that are not wrapped (always full length).
         kept_lengths: kept length of each wrapped layer (by layer id) for the current step; missing -> full.
         step: optimizer step; micro_batch: index of the current micro-batch within the step.
@@ -71,6 +80,9 @@ class RandomLTDState:
     @property
     def effective_seed(self) -> int:
         return rank_seed(self.seed, self.data_parallel_rank)
+
+    def __post_init__(self) -> None:
+        check_seed(self.seed, "RandomLTDState.seed")
 
     # -- called by the wrapped layers -------------------------------------------------------------------------
     def kept_length(self, layer_id: int, seq_len: int) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from random_ltd.ops.dispatch import Backend, select_backend
+from random_ltd.seeds import SEED_MAX
 
 __all__ = [
     "sample_sorted_indices",
@@ -19,7 +20,7 @@ __all__ = [
     "gather_positions",
 ]
 
-_MAX_SEED = 2**63 - 1
+_MAX_SEED = SEED_MAX  # seeds and steps share one range (random_ltd/seeds.py)
 
 
 def _shape(t: torch.Tensor) -> str:

@@ -29,6 +29,8 @@ from random_ltd.integrations.transformers import HFRandomLTDLayer, convert  # no
 from random_ltd.layers import RandomLTDLayer, get_random_ltd_state, unwrap_random_ltd  # noqa: E402
 
 B, S, KEEP, VOCAB = 3, 12, 5, 61
+#: the per-layer KV-cache argument under each name transformers releases have used (5.24+: ``cache``)
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 def block(layers: int = 4) -> dict:
@@ -135,7 +137,8 @@ def test_kept_tokens_equal_original_layer_on_subsequence(arch, impl):
             kw["position_ids"] = kw["position_ids"][i % kw["position_ids"].shape[0]][keep][None]
         if "position_embeddings" in kw:  # Llama rotary: the kept tokens' original positions
             kw["position_embeddings"] = tuple(t[i % t.shape[0]][keep][None] for t in kw["position_embeddings"])
-        kw.pop("past_key_values", None)
+        for name in CACHE_KWARGS:
+            kw.pop(name, None)  # no cache for the reference (the model passes one under its release's name)
         a = [x[i:i + 1, keep], *args[1:]]
         if arch == "gpt2":
             a[1] = None  # no cache for the reference
@@ -160,7 +163,7 @@ def test_llama_explicit_causal_mask_equals_none_mask_on_kept_tokens():
     assert seen["kwargs"]["attention_mask"] is None
     x = seen["args"][0]
     idx = state.indices(1, B, S, KEEP, x.device)
-    kw = dict(seen["kwargs"], past_key_values=None)
+    kw = {k: v for k, v in seen["kwargs"].items() if k not in CACHE_KWARGS}
     kw["position_embeddings"] = tuple(t.expand(B, -1, -1)[torch.arange(B)[:, None], idx]
                                       for t in kw["position_embeddings"])
     kw["position_ids"] = kw["position_ids"].expand(B, -1).gather(1, idx)

@@ -15,7 +15,6 @@ DeepSpeed's own random-LTD is switched off in the config DeepSpeed sees, so the 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import time
@@ -29,6 +28,7 @@ from random_ltd.config import (
     ConfigIssue,
     RandomLTDConfig,
     layer_token_lr_config_from_deepspeed,
+    load_deepspeed_config,
 )
 from random_ltd.integrations.deepspeed.compat import RandomLTDSchedulerView, replaced_lr_scheduler_message
 from random_ltd.layers import RandomLTDState, convert_to_random_ltd
@@ -51,8 +51,7 @@ def _load(config: Any) -> dict:
     if config is None:
         return {}
     if isinstance(config, (str, os.PathLike)):
-        with open(config) as f:
-            return json.load(f)
+        return load_deepspeed_config(config)  # as DeepSpeed reads it: Hjson, duplicate keys rejected
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict or a path to a JSON file, got {type(config).__name__}")
     return config

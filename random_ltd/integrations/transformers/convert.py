@@ -24,6 +24,7 @@ queries than keys, i.e. a filled KV cache) is rejected in training.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 from collections.abc import Sequence
@@ -34,15 +35,16 @@ import torch
 from torch import nn
 
 from random_ltd.config import RANDOM_LTD_PATH, ConfigError, ConfigIssue, RandomLTDConfig
+from random_ltd.integrations.transformers._cache import CACHE_NAMES, cache_length
 from random_ltd.layers import RandomLTDLayer, RandomLTDLayerOptions, RandomLTDState, convert_to_random_ltd
 from random_ltd.layers.convert import find_layers
+from random_ltd.layers.random_ltd_layer import layer_mixins, positional_indices, register_layer_mixin
 
 __all__ = ["convert", "HFRandomLTDLayer", "SUPPORTED_LAYERS", "load_random_ltd_config"]
 
 #: layer classes supported by name (plus any ``*DecoderLayer`` whose forward takes ``position_embeddings``)
 SUPPORTED_LAYERS = ("GPT2Block", "BertLayer", "RobertaLayer", "ViTLayer", "LlamaDecoderLayer")
 
-_CACHE_NAMES = ("past_key_values", "past_key_value", "layer_past")
 _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
@@ -67,6 +69,22 @@ class HFRandomLTDLayer(RandomLTDLayer):
     """The generic random-LTD mixin, active only in a grad-enabled training forward, with transformers checks."""
 
     random_ltd_options: HFLayerOptions
+
+    @classmethod
+    def random_ltd_setup(cls, layer: nn.Module, options: RandomLTDLayerOptions) -> HFLayerOptions:
+        """The generic options plus what the checks need, read off the layer (``convert`` then sets the model's
+        config); transformers layers take ``[batch, seq, hidden]`` hidden states."""
+        if not options.batch_first:
+            raise ConfigError([ConfigIssue(f"{RANDOM_LTD_PATH}.hidden_state_order",
+                                           f"'seq_batch_dim': transformers layers ({_base(layer).__name__}) take "
+                                           "[batch, seq, hidden] hidden states; use 'batch_seq_dim'")])
+        generic = {f.name: getattr(options, f.name) for f in fields(RandomLTDLayerOptions)}
+        model_config = _layer_model_config(layer)
+        return HFLayerOptions(**generic, model_config=model_config,
+                              sliding_window=_sliding_window(layer, model_config),
+                              arg_positions=positional_indices(layer, (*CACHE_NAMES, "encoder_hidden_states",
+                                                                       "attention_mask")),
+                              cache_layer_idx=_cache_layer_idx(layer, options.layer_id))
 
     def __call__(self, *args, **kwargs):
         # Decided here, outside the layer's gradient checkpoint: a reentrant checkpoint runs the first pass under
@@ -95,28 +113,16 @@ def _is_block_mask(mask: Any) -> bool:
     return type(mask).__name__ == "BlockMask"
 
 
-def _cache_length(cache: Any, layer_idx: int) -> int:
-    """Tokens already in this layer's KV cache (a ``Cache`` object, or a 4.x per-layer legacy tuple)."""
-    if cache is None:
-        return 0
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length(layer_idx))
-    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], torch.Tensor):
-        return int(cache[0].shape[-2])
-    return 0
-
-
 def _check_inputs(layer: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
     """Raise for inputs random-LTD cannot slice correctly (called before any compute, training only)."""
     opts = layer.random_ltd_options
-    base = next(c for c in type(layer).__mro__ if not issubclass(c, RandomLTDLayer))
-    where = f"random-LTD layer {opts.layer_id} ({base.__name__})"
+    where = f"random-LTD layer {opts.layer_id} ({_base(layer).__name__})"
     hidden = args[0] if args else kwargs.get(opts.hidden_name)
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         return  # the generic wrapper reports it
     batch, seq_len = hidden.shape[0], hidden.shape[1]
-    for name in _CACHE_NAMES:
-        filled = _cache_length(_get(layer, name, args, kwargs), opts.cache_layer_idx)
+    for name in CACHE_NAMES:
+        filled = cache_length(_get(layer, name, args, kwargs), opts.cache_layer_idx)
         if filled:
             raise ValueError(f"{where}: {name} already holds {filled} tokens for this layer; random-LTD cannot drop "
                              "tokens on top of a filled KV cache in training (use eval mode, or use_cache=False)")
@@ -155,6 +161,20 @@ def _check_inputs(layer: nn.Module, args: Sequence[Any], kwargs: dict[str, Any])
                 and bool((pos.reshape(-1).diff() <= 0).any()):
             raise ValueError(f"{where}: packed sequences (position_ids restarting inside the row) are not supported "
                              f"with {impl}: the kept tokens' boundaries cannot be recovered; pad instead")
+
+
+def _base(layer: nn.Module) -> type:
+    """A layer's class before random-LTD wrapping."""
+    return next(c for c in type(layer).__mro__ if not issubclass(c, RandomLTDLayer))
+
+
+def _layer_model_config(layer: nn.Module) -> Any:
+    """The ``PretrainedConfig`` a transformers layer's submodules keep (its attention does), or None."""
+    for m in layer.modules():
+        config = getattr(m, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            return config
+    return None
 
 
 def _is_supported(cls: type) -> bool:
@@ -196,15 +216,6 @@ def load_random_ltd_config(config: RandomLTDConfig | dict | str | os.PathLike | 
         return RandomLTDConfig.from_deepspeed(config) if "data_efficiency" in config else \
             RandomLTDConfig.model_validate(config)
     raise TypeError(f"config must be a RandomLTDConfig, a dict or a path, got {type(config).__name__}")
-
-
-_HF_CLASSES: dict[type, type] = {}
-
-
-def _hf_class(base: type) -> type:
-    if base not in _HF_CLASSES:
-        _HF_CLASSES[base] = type(f"RandomLTD{base.__name__}", (HFRandomLTDLayer, base), {"__module__": base.__module__})
-    return _HF_CLASSES[base]
 
 
 def convert(
@@ -249,30 +260,39 @@ def convert(
         raise ConfigError([ConfigIssue(f"{RANDOM_LTD_PATH}.total_layer_num",
                                        f"{cfg.total_layer_num} != {len(found)} layers found in "
                                        f"{type(model).__name__} (must equal the model's layer count)")])
-    base = next(c for c in type(found[0]).__mro__ if not issubclass(c, RandomLTDLayer))
+    base = _base(found[0])
     if layers is None and not _is_supported(base):
         raise ValueError(f"layers: {base.__name__} is not a supported transformers layer (supported: "
                          f"{', '.join(SUPPORTED_LAYERS)} and Llama-style *DecoderLayer taking position_embeddings); "
                          "pass layers= explicitly to wrap it anyway")
+    if not any(issubclass(base, b) for b, m in layer_mixins() if m is HFRandomLTDLayer):
+        register_layer_mixin(base, HFRandomLTDLayer)  # passed explicitly as a transformers-style layer
     state = convert_to_random_ltd(model, found, cfg, layer_ids=layer_ids, data_parallel_rank=data_parallel_rank)
     state.enabled = cfg.enabled
     model_config = getattr(model, "config", None)
     for layer in found:
-        if not isinstance(layer, RandomLTDLayer):
-            continue
-        generic = layer.random_ltd_options
-        orig = next(c for c in type(layer).__mro__ if not issubclass(c, RandomLTDLayer))
-        positions = {}
-        try:
-            params = list(inspect.signature(orig.forward).parameters.values())[1:]
-            positions = {p.name: i for i, p in enumerate(params)
-                         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-                         and p.name in (*_CACHE_NAMES, "encoder_hidden_states", "attention_mask")}
-        except (TypeError, ValueError):
-            pass
-        opts = HFLayerOptions(**{f.name: getattr(generic, f.name) for f in fields(RandomLTDLayerOptions)},
-                              model_config=model_config, sliding_window=_sliding_window(layer, model_config),
-                              arg_positions=positions, cache_layer_idx=_cache_layer_idx(layer, generic.layer_id))
-        layer.__class__ = _hf_class(orig)
-        layer.random_ltd_options = opts
+        if isinstance(layer, HFRandomLTDLayer) and model_config is not None:
+            layer.random_ltd_options.model_config = model_config
+            layer.random_ltd_options.sliding_window = _sliding_window(layer, model_config)
     return state
+
+
+def _register_mixins() -> None:
+    """Every transformers layer gets the HF-aware mixin, whichever entry point wraps it: the common base of 5.x
+    layers (``GradientCheckpointingLayer``, also in late 4.x), and the supported classes of older releases."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        pass
+    else:
+        register_layer_mixin(GradientCheckpointingLayer, HFRandomLTDLayer)
+    for module, name in (("gpt2", "GPT2Block"), ("bert", "BertLayer"), ("roberta", "RobertaLayer"),
+                         ("vit", "ViTLayer"), ("llama", "LlamaDecoderLayer")):
+        try:
+            cls = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)
+        except (ImportError, AttributeError):
+            continue
+        register_layer_mixin(cls, HFRandomLTDLayer)
+
+
+_register_mixins()

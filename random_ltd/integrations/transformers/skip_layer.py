@@ -32,6 +32,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, rotate_half
 
 from random_ltd.config import SkipLayerConfig
+from random_ltd.integrations.transformers._cache import find_cache
 from random_ltd.layers.skip_layer import SkipLayer, SkipLayerOptions, SkipLayerParts, sdpa_attend, skip_layer_metrics
 from random_ltd.ops import gather_positions
 
@@ -130,7 +131,7 @@ class HFSkipLayer(SkipLayer):
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 4):
             raise ValueError(f"SkipLayer needs attention_mask None or a 4-D tensor (SDPA/eager attention), got "
                              f"{type(mask).__name__}; flash-attention / flex masks are not supported")
-        out = super().forward(hidden, attention_mask=mask, cache=bound.get("past_key_values"),
+        out = super().forward(hidden, attention_mask=mask, cache=find_cache(bound),
                               ctx=bound.get("position_embeddings", extra.get("position_embeddings")))
         _record_hidden_states(hidden, out)
         return out

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from random_ltd.config import RandomLTDConfig, layer_token_lr_config_from_deepspeed
+from random_ltd.config import RandomLTDConfig, layer_token_lr_config_from_deepspeed, load_deepspeed_config
 from random_ltd.integrations.deepspeed.engine import _no_drop_config, deepspeed_view_of_config
 from random_ltd.integrations.transformers.convert import convert, load_random_ltd_config
 from random_ltd.layers.convert import find_layers
@@ -136,8 +136,7 @@ def _deepspeed_dict(args: Any) -> dict | None:
     if isinstance(ds, dict):
         return ds
     if isinstance(ds, (str, os.PathLike)):
-        with open(ds) as f:
-            return json.load(f)
+        return load_deepspeed_config(ds)
     return None
 
 
