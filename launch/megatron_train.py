@@ -56,6 +56,92 @@ def add_common_args(p: argparse.ArgumentParser, *, num_layers: int, hidden: int,
     p.add_argument("--results", default=None, help="JSON file for rank 0's results")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    add_optimizer_args(p)
+
+
+def add_optimizer_args(p: argparse.ArgumentParser) -> None:
+    """Megatron's optimizer arguments: used when the DeepSpeed config has no ``optimizer`` block (Megatron-DeepSpeed's
+    random-LTD configs have none: Megatron builds the optimizer), see ``optimizer_from_args``."""
+    g = p.add_argument_group("optimizer (only when the DeepSpeed config has no optimizer block)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=None, help="LR at the end of the decay (default 0)")
+    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0.01)")
+    g.add_argument("--adam-beta1", type=float, default=None, help="default 0.9")
+    g.add_argument("--adam-beta2", type=float, default=None, help="default 0.999")
+    g.add_argument("--adam-eps", type=float, default=None, help="default 1e-8")
+    g.add_argument("--clip-grad", type=float, default=None, help="gradient clipping (default 1.0)")
+    g.add_argument("--lr-warmup-iters", type=int, default=None, help="linear warmup steps (default 0)")
+    g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default=None,
+                   help="iteration LR decay over --train-iters (default cosine); LayerToken LR, when the config "
+                        "enables it, replaces it")
+
+
+_OPTIMIZER_ARGS = ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad",
+                   "lr_warmup_iters", "lr_decay_style")
+
+
+def optimizer_from_args(args: argparse.Namespace, ds: dict) -> None:
+    """Fill ``ds`` with an AdamW ``optimizer`` (and an iteration ``scheduler``) from Megatron-style args, in place.
+
+    Only when ``ds`` has no ``optimizer`` block; then ``--lr`` is required. With an optimizer block in the config the
+    Megatron optimizer arguments are refused rather than silently ignored. ``--clip-grad`` fills
+    ``gradient_clipping``; ``--min-lr`` and the warmup/decay args give a DeepSpeed ``WarmupCosineLR``
+    (``cos_min_ratio = min_lr / lr``) or ``WarmupDecayLR`` scheduler unless the config has a scheduler or enables
+    LayerToken LR (its decay then ends at ``--min-lr``).
+    """
+    given = [f"--{name.replace('_', '-')}" for name in _OPTIMIZER_ARGS if getattr(args, name, None) is not None]
+    if "optimizer" in ds:
+        if given:
+            raise SystemExit(f"{', '.join(given)}: the DeepSpeed config {args.deepspeed_config} has an optimizer "
+                             "block, which DeepSpeed uses; set these there, or remove the block to build the "
+                             "optimizer from these arguments")
+        return
+    if args.lr is None:
+        raise SystemExit(f"the DeepSpeed config {args.deepspeed_config} has no optimizer block: pass --lr (and "
+                         "optionally --min-lr --weight-decay --adam-beta1 --adam-beta2 --adam-eps --clip-grad "
+                         "--lr-warmup-iters --lr-decay-style), as Megatron builds it")
+    min_lr = args.min_lr if args.min_lr is not None else 0.0
+    if not 0.0 <= min_lr <= args.lr:
+        raise SystemExit(f"--min-lr {min_lr} must be in [0, --lr {args.lr}]")
+    betas = [0.9 if args.adam_beta1 is None else args.adam_beta1, 0.999 if args.adam_beta2 is None else args.adam_beta2]
+    ds["optimizer"] = {"type": "AdamW", "params": {
+        "lr": args.lr, "betas": betas, "eps": 1e-8 if args.adam_eps is None else args.adam_eps,
+        "weight_decay": 0.01 if args.weight_decay is None else args.weight_decay,
+        "torch_adam": not torch.cuda.is_available()}}  # no JIT-compiled FusedAdam on CPU
+    ds.setdefault("gradient_clipping", 1.0 if args.clip_grad is None else args.clip_grad)
+    lr_block = ds.get("data_efficiency", {}).get("data_routing", {}).get("random_ltd", {}) \
+        .get("layer_token_lr_schedule", {})
+    if lr_block.get("enabled"):
+        lr_block.setdefault("min_lr", min_lr)
+        return
+    if "scheduler" in ds:
+        return
+    warmup = args.lr_warmup_iters or 0
+    style = args.lr_decay_style or "cosine"
+    if style == "cosine":
+        ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": args.train_iters, "warmup_num_steps": warmup, "warmup_type": "linear",
+            "cos_min_ratio": min_lr / args.lr, "warmup_min_ratio": 0.0}}
+    elif style == "linear":
+        ds["scheduler"] = {"type": "WarmupDecayLR", "params": {
+            "total_num_steps": args.train_iters, "warmup_num_steps": warmup, "warmup_type": "linear",
+            "warmup_min_lr": 0.0, "warmup_max_lr": args.lr}}
+    elif warmup:
+        ds["scheduler"] = {"type": "WarmupLR", "params": {
+            "warmup_num_steps": warmup, "warmup_type": "linear", "warmup_min_lr": 0.0, "warmup_max_lr": args.lr}}
+
+
+def check_precision(ds: dict) -> None:
+    """fp16 needs an accelerator that supports it (DeepSpeed's CPU accelerator does not): say so before DeepSpeed."""
+    if not (ds.get("fp16") or {}).get("enabled"):
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if not acc.is_fp16_supported():
+        bf16 = " or \"bf16\": {\"enabled\": true}" if acc.is_bf16_supported() else ""
+        raise SystemExit(f"fp16.enabled: the {acc.device_name()} accelerator here does not support fp16 training; "
+                         f"set \"fp16\": {{\"enabled\": false}}{bf16} in the DeepSpeed config")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -111,6 +197,8 @@ def deepspeed_config(args: argparse.Namespace) -> dict:
     if args.sequence_parallel and ds.get("zero_optimization", {}).get("stage", 0) != 0:
         raise SystemExit("--sequence-parallel: this entry point all-reduces sequence-parallel LayerNorm gradients "
                          "itself, which needs ZeRO stage 0")
+    optimizer_from_args(args, ds)
+    check_precision(ds)
     block = ds.setdefault("data_efficiency", {}).setdefault("data_routing", {}).setdefault("random_ltd", {})
     if args.baseline:
         # the baseline keeps the config's iteration "scheduler" block; LayerToken LR belongs to random-LTD

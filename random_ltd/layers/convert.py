@@ -51,11 +51,47 @@ def _base_class(module: nn.Module) -> type:
     return next(c for c in type(module).__mro__ if not issubclass(c, RandomLTDLayer))
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _is_block(module: nn.Module) -> bool:
+    """A module that can be a transformer layer: has submodules and is not a generic container."""
+    return not isinstance(module, _CONTAINERS) and next(module.children(), None) is not None
+
+
+def _runs(container: nn.Module) -> list[list[nn.Module]]:
+    """Maximal runs (length >= 2) of consecutive children of one block class (see ``_is_block``).
+
+    An ``nn.ModuleList`` counts only whole (all children of one class, any class): a part of a mixed list (e.g.
+    alternating attention and state-space layers) is not "the transformer layers", so it must be named explicitly.
+    """
+    if isinstance(container, nn.ModuleList):
+        children = list(container)
+        whole = len(children) >= 2 and len({_base_class(c) for c in children}) == 1
+        return [children] if whole else []
+    runs: list[list[nn.Module]] = []
+    run: list[nn.Module] = []
+    for child in container.children():
+        if run and _base_class(child) is _base_class(run[0]):
+            run.append(child)
+            continue
+        if len(run) >= 2:
+            runs.append(run)
+        run = [child] if _is_block(child) else []
+    if len(run) >= 2:
+        runs.append(run)
+    return runs
+
+
 def find_layers(model: nn.Module, layers: LayerSpec = None) -> list[nn.Module]:
     """The ordered transformer layers of ``model``.
 
     ``layers`` may be a layer class (or tuple of classes): every instance in module order; an explicit sequence of
-    modules; or None: the longest ``nn.ModuleList`` whose children all share one class (``h``, ``layers``, ...).
+    modules; or None: the longest run of consecutive same-class blocks among the children of any container: an
+    ``nn.ModuleList`` of one class (``h``, ``layers``, ...), or in an ``nn.Sequential`` (timm/ViT ``blocks``) or any
+    other module a run of modules that have submodules and are not generic containers (so an MLP's ``Linear``
+    layers never count). Only outermost runs count, not repeats inside a layer (LoRA-wrapped projections, MoE
+    experts). Two longest runs of equal length are ambiguous: the error names them.
     """
     if isinstance(layers, type) or (isinstance(layers, tuple) and layers and all(isinstance(c, type) for c in layers)):
         found = [m for m in model.modules() if isinstance(m, layers)]
@@ -68,14 +104,22 @@ def find_layers(model: nn.Module, layers: LayerSpec = None) -> list[nn.Module]:
         if not all(isinstance(m, nn.Module) for m in found):
             raise TypeError("layers must be a layer class, a tuple of classes, or a sequence of nn.Module layers")
         return found
-    best: list[nn.Module] = []
-    for m in model.modules():
-        if isinstance(m, nn.ModuleList) and len(m) > len(best) and len({_base_class(c) for c in m}) == 1:
-            best = list(m)
-    if not best:
-        raise ValueError(f"layers: could not find the transformer layers of {type(model).__name__} "
-                         "(no nn.ModuleList of one layer class); pass the layer class or the layers")
-    return best
+    names = {id(m): name for name, m in model.named_modules()}
+    runs = [run for m in model.modules() for run in _runs(m)]
+    # outermost runs only: repeated parts inside a layer (LoRA-wrapped projections, MoE experts) are not the layers
+    inner = {id(sub) for run in runs for layer in run for sub in layer.modules() if sub is not layer}
+    candidates = [run for run in runs if id(run[0]) not in inner]
+    if not candidates:
+        raise ValueError(f"layers: could not find the transformer layers of {type(model).__name__} (no container "
+                         "holds two or more consecutive blocks of one class); pass the layer class or the layers")
+    longest = max(len(run) for run in candidates)
+    best = [run for run in candidates if len(run) == longest]
+    if len(best) > 1:
+        listed = "; ".join(f"{len(run)} x {_base_class(run[0]).__name__} at "
+                           f"{names[id(run[0])] or '<root>'}..{names[id(run[-1])]}" for run in best)
+        raise ValueError(f"layers: the transformer layers of {type(model).__name__} are ambiguous, candidates: "
+                         f"{listed}; pass the layer class or the layers (layers=...)")
+    return best[0]
 
 
 def get_random_ltd_state(model: Any) -> RandomLTDState | None:

@@ -83,13 +83,9 @@ class RandomLTDLayer(nn.Module):
                              f"({'[b, s, h]' if opts.batch_first else '[s, b, h]'}), got {type(hidden).__name__}"
                              f"{list(hidden.shape) if isinstance(hidden, torch.Tensor) else ''}")
         batch, seq_len = (hidden.shape[0], hidden.shape[1]) if opts.batch_first else (hidden.shape[1], hidden.shape[0])
-        state = self.random_ltd_state
-        keep = state.kept_length(opts.layer_id, seq_len)
-        state.record(opts.layer_id, batch, seq_len, keep)
-        if keep >= seq_len:
+        idx = kept_indices(self.random_ltd_state, opts.layer_id, batch, seq_len, hidden.device)
+        if idx is None:
             return inner(*args, **kwargs)
-
-        idx = state.indices(opts.layer_id, batch, seq_len, keep, hidden.device)
         # Fused pair: the backward writes hidden's gradient in one pass (random_ltd/ops/fused.py).
         kept, dropped = token_drop(hidden, idx, batch_first=opts.batch_first, check_indices=False)
         if args:
@@ -111,6 +107,22 @@ class RandomLTDLayer(nn.Module):
         if isinstance(out, torch.Tensor):
             return full
         return type(out)((full, *out[1:])) if isinstance(out, tuple) else [full, *out[1:]]
+
+
+@torch.compiler.disable
+def kept_indices(state: RandomLTDState, layer_id: int, batch: int, seq_len: int,
+                 device: torch.device) -> torch.Tensor | None:
+    """One wrapped-layer call's bookkeeping: kept length, layer-token record, sorted kept indices (None: keep all).
+
+    Run eagerly even under ``torch.compile``: compiled, the step and the kept length would be guarded constants, so
+    every optimizer step and every new MSLG length would recompile. Eager, a graph sees only ``idx``, whose length
+    dynamo makes a dynamic dimension after the second size (a bounded number of recompiles over a whole schedule).
+    """
+    keep = state.kept_length(layer_id, seq_len)
+    state.record(layer_id, batch, seq_len, keep)
+    if keep >= seq_len:
+        return None
+    return state.indices(layer_id, batch, seq_len, keep, device)
 
 
 def positional_indices(layer: nn.Module, names: Iterable[str]) -> dict[str, int]:

@@ -335,11 +335,19 @@ def test_layer_token_lr_both_forms_is_a_config_error() -> None:
         init(make_model(), cfg)
 
 
-def test_layer_token_lr_plus_lr_scheduler_argument_is_a_value_error() -> None:
+@pytest.mark.parametrize("form", [lr_block_form, lr_scheduler_form], ids=["random_ltd_block", "scheduler_block"])
+def test_layer_token_lr_replaces_a_passed_lr_scheduler_with_a_warning(form, caplog) -> None:
+    """The config wins (DeepSpeed's config-over-arguments rule): the client's scheduler is replaced, and the log
+    says what to delete to keep it."""
     model = make_model()
-    with pytest.raises(ValueError, match="do not also pass lr_scheduler") as info:
-        init(model, lr_block_form(), lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
-    assert not isinstance(info.value, random_ltd.ConfigError)
+    with caplog.at_level("WARNING", logger="random_ltd"):
+        engine, _, _, sched = init(model, form(),
+                                   lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+    assert isinstance(sched, random_ltd.LayerTokenLR) and engine.lr_scheduler is sched
+    assert any("replaces the lr_scheduler passed" in r.getMessage() and "layer_token_lr_schedule" in r.getMessage()
+               for r in caplog.records)
+    history = train(engine, 3)
+    assert history[0]["lr"] == 0.0 and 0 < history[1]["lr"] < history[2]["lr"] <= PEAK  # layer-token warmup
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from random_ltd.config import (
     load_deepspeed_config,
 )
 from random_ltd.integrations.deepspeed.checkpoint import atomic_save, rebuild_schedule_state, resolve_load_tag
+from random_ltd.integrations.deepspeed.compat import RandomLTDSchedulerView, replaced_lr_scheduler_message
 from random_ltd.layers import RandomLTDState, convert_to_random_ltd
 from random_ltd.layers.convert import LayerSpec, find_layers
 from random_ltd.monitor import RandomLTDMonitor, wandb_credentials_configured
@@ -193,6 +194,14 @@ class RandomLTDEngineMixin:
                        "consumed (lr %s)", path, kind, self.random_ltd_schedule.consumed_layer_tokens,
                        lr.get_last_lr())
 
+    def random_ltd_enabled(self) -> bool:
+        """True while random-LTD drops tokens: DeepSpeed's own accessor (Megatron-DeepSpeed asserts on it).
+
+        DeepSpeed's engine then also calls ``self.random_ltd_scheduler`` (our view, see ``compat``) in its forward
+        prologue and checkpoints; the view keeps those calls consistent with our schedule.
+        """
+        return bool(self.random_ltd_state.enabled)
+
     def random_ltd_summary(self) -> str:
         """One line: steps, kept length, layer-tokens consumed vs baseline, saving, throughput."""
         return self.random_ltd_monitor.summary(self)
@@ -237,13 +246,13 @@ def initialize(
     """Drop-in for ``deepspeed.initialize`` that applies the config's random-LTD block.
 
     Same arguments and return value ``(engine, optimizer, dataloader, lr_scheduler)``; ``layers`` optionally names
-    the transformer layers (a class, or the modules; default: the longest ``nn.ModuleList`` of one class).
+    the transformer layers (a class, or the modules; default: the longest run of one block class in any container).
     With random-LTD disabled the layers are still counted (nothing is dropped), so a baseline run reports the same
-    layer-token metrics.
+    layer-token metrics. With LayerToken LR enabled in the config, a passed ``lr_scheduler`` is replaced by it (a
+    logged warning: the config wins).
 
     Raises:
         random_ltd.ConfigError: an invalid random-LTD or LayerTokenLR block (the message names the key path).
-        ValueError: LayerToken LR configured and an ``lr_scheduler`` passed as well.
     """
     import deepspeed
 
@@ -265,7 +274,7 @@ def initialize(
     schedule = MSLGSchedule(rltd if rltd.enabled else _no_drop_config(len(found)))
     if lr_config is not None:
         if lr_scheduler is not None:
-            raise ValueError("LayerToken LR is configured in the DeepSpeed config; do not also pass lr_scheduler")
+            logger.warning(replaced_lr_scheduler_message(lr_scheduler))
 
         def lr_scheduler(opt):
             return LayerTokenLR.from_config(opt, lr_config,
@@ -283,11 +292,34 @@ def initialize(
         kwargs["distributed_port"] = distributed_port
     engine, opt, loader, sched = deepspeed.initialize(**kwargs)
 
-    state = convert_to_random_ltd(engine, found, schedule.config, data_parallel_rank=_data_parallel_rank(engine, mpu))
-    state.enabled = rltd.enabled
+    attach(engine, found, schedule, enabled=rltd.enabled, mpu=mpu)
+    return engine, opt, loader, sched
+
+
+def _is_transformers_model(module: Any) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(module, PreTrainedModel)
+
+
+def attach(engine: Any, found: list[torch.nn.Module], schedule: MSLGSchedule, *, enabled: bool,
+           mpu: Any = None) -> Any:
+    """Give a built DeepSpeed engine random-LTD: wrap ``found``, install the mixin, state, schedule, monitor and
+    DeepSpeed's ``random_ltd_scheduler`` accessor (a view over the schedule). Returns the engine."""
+    rank = _data_parallel_rank(engine, mpu)
+    if _is_transformers_model(engine.module):  # HF layers: masks, caches and rotary handled by the HF adapter
+        from random_ltd.integrations.transformers.convert import convert
+
+        state = convert(engine.module, schedule.config, layers=found, data_parallel_rank=rank)
+    else:
+        state = convert_to_random_ltd(engine, found, schedule.config, data_parallel_rank=rank)
+    state.enabled = enabled
     engine.__class__ = _engine_class(type(engine))
     engine.random_ltd_state = state
     engine.random_ltd_schedule = schedule
-    engine.random_ltd_monitor = RandomLTDMonitor(enabled=rltd.enabled, start_time=time.perf_counter())
+    engine.random_ltd_monitor = RandomLTDMonitor(enabled=enabled, start_time=time.perf_counter())
+    engine.random_ltd_scheduler = RandomLTDSchedulerView(engine)
     engine._random_ltd_advance()
-    return engine, opt, loader, sched
+    return engine

@@ -14,7 +14,10 @@ Without DeepSpeed, pass the block (or a whole DeepSpeed-style config) as ``rando
 * adds ``random_ltd/*`` metrics (``random_ltd.monitor.METRIC_KEYS``) to the Trainer's training logs, so every
   ``report_to`` integration (W&B, TensorBoard, ...) receives them;
 * saves its state as ``random_ltd_state.json`` in every Trainer checkpoint and restores it on
-  ``train(resume_from_checkpoint=...)``.
+  ``train(resume_from_checkpoint=...)``;
+* runs W&B offline when ``report_to`` includes wandb and no W&B credentials exist (``WANDB_MODE`` set wins).
+
+For another ``Trainer`` subclass (TRL's ``SFTTrainer``, ...), ``callback.RandomLTDCallback`` does the same.
 
 DeepSpeed's own random-LTD is switched off in the config DeepSpeed sees, so the two never both run.
 """
@@ -34,7 +37,7 @@ from random_ltd.config import RandomLTDConfig, layer_token_lr_config_from_deepsp
 from random_ltd.integrations.deepspeed.engine import _no_drop_config, deepspeed_view_of_config
 from random_ltd.integrations.transformers.convert import convert, load_random_ltd_config
 from random_ltd.layers.convert import find_layers
-from random_ltd.monitor import RandomLTDMonitor
+from random_ltd.monitor import RandomLTDMonitor, wandb_credentials_configured
 from random_ltd.schedules import LayerTokenLR, MSLGSchedule
 
 __all__ = ["RandomLTDTrainer", "STATE_FILE"]
@@ -137,6 +140,58 @@ def _deepspeed_dict(args: Any) -> dict | None:
     return None
 
 
+def _offline_wandb_without_credentials(training_args: Any) -> None:
+    """``report_to`` wandb without W&B credentials: run W&B offline (no network, no login prompt, no UsageError),
+    as ``random_ltd.initialize`` does for the DeepSpeed config's wandb block. ``WANDB_MODE`` set by the user wins."""
+    report_to = getattr(training_args, "report_to", None) or []
+    if isinstance(report_to, str):
+        report_to = [report_to]
+    if ("wandb" in report_to or "all" in report_to) and "WANDB_MODE" not in os.environ \
+            and not wandb_credentials_configured():
+        os.environ["WANDB_MODE"] = "offline"
+        logger.info("random-LTD: no W&B credentials; W&B runs offline (set WANDB_MODE to change that)")
+
+
+def _setup(model: Any, training_args: Any, random_ltd_config: Any, random_ltd_layers: Any,
+           passed_scheduler: Any = None) -> _Run:
+    """Read the config, fix what DeepSpeed will see, convert ``model`` in place: what the trainer and callback share.
+
+    Raises:
+        ValueError: both ``random_ltd_config`` and a DeepSpeed config with a random-LTD block, or LayerToken LR
+            together with an explicit scheduler (``passed_scheduler``).
+    """
+    ds = _deepspeed_dict(training_args)
+    ds_block = ds is not None and "random_ltd" in ds.get("data_efficiency", {}).get("data_routing", {})
+    if random_ltd_config is not None and ds_block:
+        raise ValueError("random_ltd_config: the DeepSpeed config in args.deepspeed already has a random-LTD "
+                         "block; give it in one place only")
+    source = random_ltd_config if random_ltd_config is not None else ds
+    if source is None:
+        raise ValueError("no random-LTD config: set TrainingArguments(deepspeed=...) with the block "
+                         "data_efficiency.data_routing.random_ltd, or pass random_ltd_config=")
+    rltd = load_random_ltd_config(source)
+    if isinstance(source, RandomLTDConfig) or (isinstance(source, dict) and "data_efficiency" not in source):
+        lr_config = rltd.layer_token_lr_schedule.to_lr_config() \
+            if rltd.enabled and rltd.layer_token_lr_schedule.enabled else None
+    else:
+        lr_config = layer_token_lr_config_from_deepspeed(source)
+    if lr_config is not None and passed_scheduler is not None:
+        raise ValueError("LayerToken LR is enabled in the random-LTD config; do not also pass a scheduler in "
+                         "optimizers=")
+    if ds is not None:  # what DeepSpeed sees: its own random-LTD off, our LayerToken LR instead of its scheduler
+        view = deepspeed_view_of_config(ds, lr_config is not None)
+        ds.clear()
+        ds.update(view)
+    _offline_wandb_without_credentials(training_args)
+
+    found = find_layers(model, random_ltd_layers)
+    schedule_config = rltd if rltd.enabled else _no_drop_config(len(found))  # baseline: counts, no drop
+    state = convert(model, rltd, layers=random_ltd_layers,
+                    data_parallel_rank=getattr(training_args, "process_index", 0))
+    state.enabled = rltd.enabled
+    return _Run(state, MSLGSchedule(schedule_config), lr_config, rltd.enabled)
+
+
 class RandomLTDTrainer(Trainer):
     """``transformers.Trainer`` plus random-LTD (see the module docstring).
 
@@ -157,35 +212,8 @@ class RandomLTDTrainer(Trainer):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if model is None or training_args is None:
             raise ValueError("RandomLTDTrainer needs model= and args= (TrainingArguments)")
-        ds = _deepspeed_dict(training_args)
-        ds_block = ds is not None and "random_ltd" in ds.get("data_efficiency", {}).get("data_routing", {})
-        if random_ltd_config is not None and ds_block:
-            raise ValueError("random_ltd_config: the DeepSpeed config in args.deepspeed already has a random-LTD "
-                             "block; give it in one place only")
-        source = random_ltd_config if random_ltd_config is not None else ds
-        if source is None:
-            raise ValueError("no random-LTD config: set TrainingArguments(deepspeed=...) with the block "
-                             "data_efficiency.data_routing.random_ltd, or pass random_ltd_config=")
-        rltd = load_random_ltd_config(source)
-        if isinstance(source, RandomLTDConfig) or (isinstance(source, dict) and "data_efficiency" not in source):
-            lr_config = rltd.layer_token_lr_schedule.to_lr_config() \
-                if rltd.enabled and rltd.layer_token_lr_schedule.enabled else None
-        else:
-            lr_config = layer_token_lr_config_from_deepspeed(source)
-        if lr_config is not None and kwargs.get("optimizers", (None, None))[1] is not None:
-            raise ValueError("LayerToken LR is enabled in the random-LTD config; do not also pass a scheduler in "
-                             "optimizers=")
-        if ds is not None:  # what DeepSpeed sees: its own random-LTD off, our LayerToken LR instead of its scheduler
-            view = deepspeed_view_of_config(ds, lr_config is not None)
-            ds.clear()
-            ds.update(view)
-
-        found = find_layers(model, random_ltd_layers)
-        schedule_config = rltd if rltd.enabled else _no_drop_config(len(found))  # baseline: counts, no drop
-        state = convert(model, rltd, layers=random_ltd_layers,
-                        data_parallel_rank=getattr(training_args, "process_index", 0))
-        state.enabled = rltd.enabled
-        self.random_ltd = _Run(state, MSLGSchedule(schedule_config), lr_config, rltd.enabled)
+        self.random_ltd = _setup(model, training_args, random_ltd_config, random_ltd_layers,
+                                 passed_scheduler=kwargs.get("optimizers", (None, None))[1])
         super().__init__(*args, **kwargs)
         self.add_callback(_RandomLTDCallback(self.random_ltd, self.args.device))
 
