@@ -197,6 +197,8 @@ def with_lr_block(min_lr: float, optimizer_lr: Any, decay_type: str = "cosine") 
 
 def with_scheduler(min_lr: float, optimizer_lr: Any, **params: Any) -> dict[str, Any]:
     ds = gpt()
+    # LayerToken LR as the top-level scheduler only (the paper recipe also enables it in the block)
+    ds["data_efficiency"]["data_routing"]["random_ltd"]["layer_token_lr_schedule"]["enabled"] = False
     ds["optimizer"]["params"]["lr"] = optimizer_lr
     ds["scheduler"] = {"type": "LayerTokenLR", "params": {"total_layer_tokens": 10**9, "min_lr": min_lr, **params}}
     return ds
