@@ -17,7 +17,9 @@ megatron-core specifics handled here:
   rank folded into the seed, so all tensor-parallel ranks (and full recompute) draw the same ones;
 - sequence parallelism: the kept length must divide by tp; each rank keeps ``k/tp`` positions of its own shard
   (``RandomLTDState.sharded_indices``), and masks/rotary rows are sliced with the global positions every rank can
-  compute; no extra communication.
+  compute; no extra communication;
+- ``torch.compile``: the per-call bookkeeping (kept length, layer-token record, index draws) runs eagerly in
+  ``megatron_kept_indices``, so a compiled model does not recompile at every step or new MSLG kept length.
 
 Refused with an error: context parallelism > 1, packed (THD) sequences, CUDA graphs, multi-latent attention,
 pipeline parallelism > 1 (layer ids would be stage-local), and inference contexts are never dropped.
@@ -34,7 +36,7 @@ from random_ltd.layers.random_ltd_layer import RandomLTDLayer, register_layer_mi
 from random_ltd.layers.state import RandomLTDState
 from random_ltd.ops import gather_positions, slice_attention_mask, token_combine, token_drop
 
-__all__ = ["RandomLTDMegatronLayer", "RandomLTDTransformerLayer", "unsupported_reasons"]
+__all__ = ["RandomLTDMegatronLayer", "RandomLTDTransformerLayer", "megatron_kept_indices", "unsupported_reasons"]
 
 _FORWARD_NAMES = ("hidden_states", "attention_mask", "context", "context_mask", "rotary_pos_emb", "rotary_pos_cos",
                   "rotary_pos_sin", "rotary_pos_cos_sin", "attention_bias", "inference_context", "packed_seq_params",
