@@ -17,7 +17,9 @@ megatron-core specifics handled here:
   rank folded into the seed, so all tensor-parallel ranks (and full recompute) draw the same ones;
 - sequence parallelism: the kept length must divide by tp; each rank keeps ``k/tp`` positions of its own shard
   (``RandomLTDState.sharded_indices``), and masks/rotary rows are sliced with the global positions every rank can
-  compute; no extra communication.
+  compute; no extra communication;
+- ``torch.compile``: the per-call bookkeeping (kept length, layer-token record, index draws) runs eagerly in
+  ``megatron_kept_indices``, so a compiled model does not recompile at every step or new MSLG kept length.
 
 Refused with an error: context parallelism > 1, packed (THD) sequences, CUDA graphs, multi-latent attention,
 pipeline parallelism > 1 (layer ids would be stage-local), and inference contexts are never dropped.
@@ -31,9 +33,10 @@ import torch
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from random_ltd.layers.random_ltd_layer import RandomLTDLayer, register_layer_mixin
+from random_ltd.layers.state import RandomLTDState
 from random_ltd.ops import gather_positions, slice_attention_mask, token_combine, token_drop
 
-__all__ = ["RandomLTDMegatronLayer", "RandomLTDTransformerLayer", "unsupported_reasons"]
+__all__ = ["RandomLTDMegatronLayer", "RandomLTDTransformerLayer", "megatron_kept_indices", "unsupported_reasons"]
 
 _FORWARD_NAMES = ("hidden_states", "attention_mask", "context", "context_mask", "rotary_pos_emb", "rotary_pos_cos",
                   "rotary_pos_sin", "rotary_pos_cos_sin", "attention_bias", "inference_context", "packed_seq_params",
@@ -97,24 +100,12 @@ class RandomLTDMegatronLayer(RandomLTDLayer):
             raise ValueError(f"random-LTD layer {opts.layer_id}: hidden_states must be a [s, b, h] tensor")
         shard_len, batch = hidden.shape[0], hidden.shape[1]
         tp = self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
-        seq_len = shard_len * tp
-        keep = state.kept_length(opts.layer_id, seq_len)
-        state.record(opts.layer_id, batch, seq_len, keep)
-        if keep >= seq_len:
-            return self._framework_forward(**kwargs)
-
         rows = 1 if self.config.apply_rope_fusion else batch  # fused RoPE takes [k, 1, 1, d] only
-        if tp > 1:
-            if keep % tp:
-                raise ValueError(f"random-LTD layer {opts.layer_id}: kept length {keep} must be divisible by the "
-                                 f"tensor-parallel size {tp} under sequence parallelism (set min_value and "
-                                 "seq_per_step to multiples of tp)")
-            picks = state.sharded_indices(opts.layer_id, rows, shard_len, keep // tp, tp, hidden.device)
-            local = picks[self.tp_group.rank()]
-            offsets = torch.arange(tp, device=hidden.device).mul_(shard_len).view(tp, 1, 1)
-            global_idx = (picks + offsets).permute(1, 0, 2).reshape(rows, keep)
-        else:
-            local = global_idx = state.indices(opts.layer_id, rows, seq_len, keep, hidden.device)
+        picked = megatron_kept_indices(state, opts.layer_id, batch, shard_len, tp,
+                                       self.tp_group if tp > 1 else None, rows, hidden.device)
+        if picked is None:
+            return self._framework_forward(**kwargs)
+        local, global_idx = picked
         local = local.expand(batch, -1)
 
         # Fused pair: the backward writes hidden's gradient in one pass (random_ltd/ops/fused.py).
@@ -128,6 +119,38 @@ class RandomLTDMegatronLayer(RandomLTDLayer):
         out, context = self._framework_forward(**kwargs)
         full = token_combine(dropped, out)
         return full, context
+
+
+@torch.compiler.disable
+def megatron_kept_indices(state: RandomLTDState, layer_id: int, batch: int, shard_len: int, tp: int,
+                          tp_group: Any, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One megatron layer call's bookkeeping: kept length, layer-token record and the kept indices.
+
+    Returns ``(local, global_idx)``: ``local`` ``[rows, k/tp]`` positions in this rank's shard of ``shard_len``
+    tokens, ``global_idx`` ``[rows, k]`` positions in the full sequence (the same tensor when ``tp == 1``), or
+    ``None`` when the layer keeps every token. ``tp`` is the sequence-parallel size (1 without sequence parallelism;
+    ``tp_group`` is then unused) and ``rows`` is 1 under fused RoPE (indices shared by the batch).
+
+    Run eagerly even under ``torch.compile``, as ``random_ltd.layers.random_ltd_layer.kept_indices``: compiled, the
+    step and the kept length would be guarded constants, so every optimizer step and every new MSLG length would
+    recompile.
+    """
+    seq_len = shard_len * tp
+    keep = state.kept_length(layer_id, seq_len)
+    state.record(layer_id, batch, seq_len, keep)
+    if keep >= seq_len:
+        return None
+    if tp > 1:
+        if keep % tp:
+            raise ValueError(f"random-LTD layer {layer_id}: kept length {keep} must be divisible by the "
+                             f"tensor-parallel size {tp} under sequence parallelism (set min_value and "
+                             "seq_per_step to multiples of tp)")
+        picks = state.sharded_indices(layer_id, rows, shard_len, keep // tp, tp, device)
+        local = picks[tp_group.rank()]
+        offsets = torch.arange(tp, device=device).mul_(shard_len).view(tp, 1, 1)
+        return local, (picks + offsets).permute(1, 0, 2).reshape(rows, keep)
+    local = state.indices(layer_id, rows, seq_len, keep, device)
+    return local, local
 
 
 class RandomLTDTransformerLayer(RandomLTDMegatronLayer, TransformerLayer):
