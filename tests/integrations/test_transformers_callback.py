@@ -141,6 +141,7 @@ def wandb_env(tmp_path):
                       WANDB_CONSOLE="off")
     yield tmp_path
     wandb.finish()
+    wandb.teardown()  # the W&B singleton keeps this test's settings (WANDB_DIR) for later runs otherwise
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

@@ -152,6 +152,8 @@ def history_rows(records: list) -> list[dict]:
 def wandb_env(tmp_path):
     """WANDB_DIR in tmp, no WANDB_MODE, no API key and no netrc login; restored afterwards."""
     keys = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "WANDB_SILENT", "WANDB_CONSOLE", "NETRC")
+    wandb = pytest.importorskip("wandb")
+    wandb.teardown()  # a W&B singleton set up by an earlier test would keep that test's WANDB_DIR
     saved = {k: os.environ.get(k) for k in keys}
     for k in keys:
         os.environ.pop(k, None)
