@@ -67,7 +67,7 @@ def write_latest(save_dir: str | os.PathLike, tag: str, name: str = "latest") ->
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
-    _fsync_dir(save_dir)
+    _fsync(save_dir)
 
 
 def complete_tags(load_dir: str | os.PathLike) -> list[str]:
@@ -118,7 +118,8 @@ def resolve_load_tag(load_dir: str | os.PathLike, tag: str | None = None, latest
     return tag
 
 
-def _fsync_dir(path: str) -> None:
+def _fsync(path: str) -> None:
+    """fsync a file or a directory, best effort (some filesystems refuse fsync on directories)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -135,17 +136,8 @@ def _fsync_tree(path: str) -> None:
     """Flush the files of a finished tag to disk before it is published by the rename (survives a power loss)."""
     for root, _, files in os.walk(path):
         for name in files:
-            try:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-        _fsync_dir(root)
+            _fsync(os.path.join(root, name))
+        _fsync(root)
 
 
 def _any_rank(flag: bool, engine: Any) -> bool:
@@ -206,7 +198,7 @@ def atomic_save(engine: Any, deepspeed_save: Any, save_dir: str, tag: Any, clien
     if fs_rank == 0:
         _fsync_tree(staging)
         os.rename(staging, final)
-        _fsync_dir(save_dir)
+        _fsync(save_dir)
     _barrier()  # the tag is in place on every node before anyone names it
     if save_latest and engine.global_rank == 0:
         write_latest(save_dir, tag)
