@@ -107,11 +107,7 @@ class RandomLTDCallback(_RandomLTDCallback):
 
         def create_scheduler(num_training_steps: int, optimizer: Any = None):
             if not isinstance(trainer.lr_scheduler, LayerTokenLR):
-                opt = optimizer if optimizer is not None else trainer.optimizer
-                run.optimizer = opt
-                run.lr_scheduler = LayerTokenLR.from_config(
-                    opt, run.lr_config, layer_token_source=lambda: run.schedule.consumed_layer_tokens)
-                trainer.lr_scheduler = run.lr_scheduler
+                trainer.lr_scheduler = run.make_lr_scheduler(optimizer if optimizer is not None else trainer.optimizer)
                 trainer._created_lr_scheduler = True
             return trainer.lr_scheduler
 

@@ -69,6 +69,13 @@ class _Run:
     def random_ltd_state(self):
         return self.state
 
+    def make_lr_scheduler(self, optimizer) -> LayerTokenLR:
+        """LayerToken LR on ``optimizer``, fed this run's consumed layer-tokens (the trainer and the callback)."""
+        self.optimizer = optimizer
+        self.lr_scheduler = LayerTokenLR.from_config(
+            optimizer, self.lr_config, layer_token_source=lambda: self.schedule.consumed_layer_tokens)
+        return self.lr_scheduler
+
     def get_lr(self) -> list[float]:
         return [float(g["lr"]) for g in self.optimizer.param_groups] if self.optimizer is not None else []
 
@@ -223,11 +230,7 @@ class RandomLTDTrainer(Trainer):
         if run.lr_config is None:
             return super().create_scheduler(num_training_steps, optimizer)
         if self.lr_scheduler is None:
-            optimizer = optimizer if optimizer is not None else self.optimizer
-            run.optimizer = optimizer
-            run.lr_scheduler = LayerTokenLR.from_config(
-                optimizer, run.lr_config, layer_token_source=lambda: run.schedule.consumed_layer_tokens)
-            self.lr_scheduler = run.lr_scheduler
+            self.lr_scheduler = run.make_lr_scheduler(optimizer if optimizer is not None else self.optimizer)
             self._created_lr_scheduler = True
         return self.lr_scheduler
 
