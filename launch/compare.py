@@ -172,8 +172,17 @@ def run_arm(name: str, seed: int, ds: dict, steps: int, args: argparse.Namespace
            "--hidden-dropout", str(args.dropout), "--attention-dropout", str(args.dropout), *extra,
            *args.passthrough]
     env = dict(os.environ, LOCAL_SIZE=str(args.nproc))  # CPU accelerator: processes per node
-    print(f"\n== {name}{tag} (seed {seed}, {steps} steps): {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, env=env, check=True, cwd=ROOT)
+    # what makes a run: its command (paths, seed, steps, flags) and its config; --resume reuses only an exact match
+    key = json.dumps({"cmd": cmd[1:], "config": ds}, sort_keys=True)
+    stamp = out.with_suffix(".run.json")
+    if getattr(args, "resume", False) and out.exists() and stamp.exists() and stamp.read_text() == key:
+        print(f"\n== {name}{tag} (seed {seed}, {steps} steps): reusing {out} (--resume, same command and config)",
+              flush=True)
+    else:
+        stamp.unlink(missing_ok=True)
+        print(f"\n== {name}{tag} (seed {seed}, {steps} steps): {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, env=env, check=True, cwd=ROOT)
+        stamp.write_text(key)
     with open(out) as f:
         result = json.load(f)
     result["arm"] = name
@@ -271,6 +280,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout (paper: 0.1)")
     p.add_argument("--master-port", type=int, default=29600)
     p.add_argument("--out", default=str(ROOT / "outputs" / "compare"))
+    p.add_argument("--resume", action="store_true",
+                   help="reuse a run's result in --out when it was made by the same command and config "
+                        "(each reuse is printed); otherwise every run is made afresh")
     p.add_argument("passthrough", nargs="*", help="extra arguments for launch/pretrain_gpt.py (after --)")
     args = p.parse_args(argv)
     arms = list(PAPER_ARMS) if args.design == "paper" else [a for a in args.arms.split(",") if a]

@@ -147,3 +147,31 @@ def test_recipe_without_a_scheduler_gets_none() -> None:
     ds = p.config(True, 200, lr=1e-3)
     assert "scheduler" not in ds and ds["optimizer"]["params"]["lr"] == 1e-3
     assert layer_token_lr_config_from_deepspeed(ds).warmup_layer_tokens == 0
+
+
+def test_resume_reuses_only_a_run_made_by_the_same_command_and_config(tmp_path, monkeypatch) -> None:
+    calls = []
+
+    def fake_run(cmd, env, check, cwd):
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--results") + 1])
+        out.write_text(json.dumps({"steps": 3, "final_val_loss": float(len(calls)), "consumed_layer_tokens": 1,
+                                   "wall_s": 1.0, "curve": []}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    planner = compare.Planner(RECIPE, train_iters=200, seq_len=256, num_layers=8)
+
+    def go(*flags: str, seed: int = 1234, steps: int = 300) -> dict:
+        args = compare.parse_args(["--out", str(tmp_path), *flags])
+        args.seq_length, args.num_layers = 256, 8
+        return compare.run_arm("baseline", seed, planner.config(False, steps), steps, args)
+
+    assert go()["final_val_loss"] == 1.0
+    assert go()["final_val_loss"] == 2.0  # without --resume every run is made afresh
+    assert go("--resume")["final_val_loss"] == 2.0 and len(calls) == 2  # reused, same command and config
+    assert go("--resume", steps=301)["final_val_loss"] == 3.0  # another config: run again
+    assert go("--resume", "--dropout", "0.0", steps=301)["final_val_loss"] == 4.0  # another command: run again
+    # a run that died after writing its result but before the stamp is not reused
+    (tmp_path / "baseline_seed1234.run.json").unlink()
+    assert go("--resume", "--dropout", "0.0", steps=301)["final_val_loss"] == 5.0
