@@ -95,9 +95,11 @@ class RandomLTDLayer(nn.Module):
         for names, fn in ((opts.mask_names, slice_attention_mask), (opts.position_names, gather_positions)):
             for name in names:
                 if name in kwargs:
+                    _check_token_axis(opts.layer_id, name, kwargs[name], seq_len, fn is slice_attention_mask)
                     kwargs[name] = fn(kwargs[name], idx)
                 elif name in opts._positional and opts._positional[name] < len(args):
                     pos = opts._positional[name]
+                    _check_token_axis(opts.layer_id, name, args[pos], seq_len, fn is slice_attention_mask)
                     args[pos] = fn(args[pos], idx)
 
         out = inner(*args, **kwargs)
@@ -107,6 +109,32 @@ class RandomLTDLayer(nn.Module):
         if isinstance(out, torch.Tensor):
             return full
         return type(out)((full, *out[1:])) if isinstance(out, tuple) else [full, *out[1:]]
+
+
+def _check_token_axis(layer_id: int, name: str, value, seq_len: int, is_mask: bool) -> None:
+    """A mask or position tensor must cover exactly the layer's ``seq_len`` tokens before it is sliced.
+
+    The slicing ops can only check the indices against the tensor's own length; a mask or rotary table of another
+    length than the hidden states (a stale or padded one) would be sliced without error into the wrong tokens'
+    entries. Masks: the key axis (last) is ``s``, and a 4-D mask's query axis is ``s`` or 1. Positions: the
+    sequence axis (``[s]``, ``[s, 1, 1, d]``: first; ``[b, s]``, ``[b, s, d]``: second), for each tensor of a tuple.
+    """
+    if isinstance(value, (tuple, list)) and not is_mask:
+        for v in value:
+            _check_token_axis(layer_id, name, v, seq_len, is_mask)
+        return
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return  # None passes through; other forms get the op's own error
+    if is_mask:
+        axes = [value.dim() - 1] + ([2] if value.dim() == 4 and value.shape[2] != 1 else [])
+        form = "[b, s], [b, 1, 1, s] or [b, h, s, s]"
+    else:
+        axes = [0 if value.dim() in (1, 4) else 1]
+        form = "[s], [b, s], [b, s, d] or [s, 1, 1, d]"
+    for axis in axes:
+        if value.shape[axis] != seq_len:
+            raise ValueError(f"random-LTD layer {layer_id}: {name} has shape {list(value.shape)}, but the hidden "
+                             f"states have {seq_len} tokens; expected {form} with s = {seq_len}")
 
 
 @torch.compiler.disable

@@ -167,3 +167,30 @@ def test_data_parallel_ranks_draw_differently():
     a = states[0].indices(1, 2, 100, 10, torch.device("cpu"))
     b = states[1].indices(1, 2, 100, 10, torch.device("cpu"))
     assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("arg,value,where", [
+    ("attention_mask", torch.ones(12, 12, dtype=torch.bool).triu(1).expand(2, 1, 12, 12), "kw"),  # longer mask
+    ("attention_mask", torch.zeros(2, 1, 10, 12, dtype=torch.bool), "kw"),  # query axis short
+    ("attention_mask", torch.zeros(2, 12, dtype=torch.bool), "pos"),  # padding mask, positional
+    ("position_ids", torch.arange(12).expand(2, 12), "kw"),
+    ("position_ids", torch.arange(12).expand(2, 12), "pos"),
+])
+def test_masks_and_positions_must_cover_the_hidden_states(arg, value, where):
+    """A mask or position tensor longer than the hidden states used to be sliced silently into the wrong entries."""
+    torch.manual_seed(0)
+    model = TinyGPT(layers=3)
+    state = convert_to_random_ltd(model, Block, cfg(3))
+    state.advance(0, {1: 4})
+    x = torch.randn(2, 10, 16)
+    good = {"attention_mask": torch.ones(10, 10, dtype=torch.bool).triu(1).expand(2, 1, 10, 10),
+            "position_ids": torch.arange(10).expand(2, 10)}
+    good[arg] = value
+    state.begin_micro_batch()
+    with pytest.raises(ValueError, match=rf"random-LTD layer 1: {arg} has shape .* hidden states have 10 tokens"):
+        if where == "kw":
+            model.layers[1](x, **good)
+        else:
+            model.layers[1](x, good["attention_mask"], good["position_ids"])
+    # the right lengths still work ([s] positions too)
+    model.layers[1](x, torch.ones(10, 10, dtype=torch.bool).triu(1).expand(2, 1, 10, 10), torch.arange(10))
