@@ -222,11 +222,12 @@ def init_parallel(args: argparse.Namespace) -> None:
     from megatron.core import parallel_state, tensor_parallel
 
     import random_ltd.integrations.megatron  # noqa: F401 - applies the CPU shim when CUDA is absent
-    from random_ltd.integrations.deepspeed.launcher_guard import exit_with_launcher
+    from random_ltd.integrations.deepspeed.launcher_guard import exit_with_launcher, release_shm_buffers
 
     exit_with_launcher()  # no orphaned ranks training on when the deepspeed launcher is killed
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    release_shm_buffers()  # DeepSpeed's CPU allreduce buffers would otherwise stay in /dev/shm after the run
     if torch.cuda.is_available():
         torch.cuda.set_device(args.local_rank)
     parallel_state.initialize_model_parallel(args.tensor_model_parallel_size, 1)

@@ -291,6 +291,9 @@ def initialize(
     if distributed_port is not None:
         kwargs["distributed_port"] = distributed_port
     engine, opt, loader, sched = deepspeed.initialize(**kwargs)
+    from random_ltd.integrations.deepspeed.launcher_guard import release_shm_buffers
+
+    release_shm_buffers()  # DeepSpeed's CPU allreduce buffers would otherwise stay in /dev/shm after the run
 
     attach(engine, found, schedule, enabled=rltd.enabled, mpu=mpu)
     return engine, opt, loader, sched
