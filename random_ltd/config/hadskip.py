@@ -87,6 +87,31 @@ class HadSkipStagesConfig(_Block):
     stage1_lr: PositiveReal = Field(5e-5, description="Stage 1 learning rate (paper grid: 5e-6 .. 5e-5).")
     stage2_lr: PositiveReal = Field(1e-3, description="Stage 2 learning rate (gate parameters only).")
     stage3_lr: PositiveReal = Field(5e-5, description="Stage 3 learning rate (backbone and gates).")
+    stage1_warmup_steps: Int = Field(0, ge=0, description="Stage 1: linear LR warmup from 0 over this many steps "
+                                     "(0 = none). A post-LN BERT trained from scratch needs it.")
+    stage1_decay: Literal["constant", "linear"] = Field(
+        "constant", description="Stage 1 LR after warmup: 'constant' (default) or 'linear' decay to 0 at "
+        "stage1_steps (Hugging Face's fine-tuning default). Stages 2 and 3 always use a constant LR.")
+
+    @model_validator(mode="after")
+    def _check_warmup(self) -> HadSkipStagesConfig:
+        """The warmup fits in stage 1."""
+        if self.stage1_warmup_steps > self.stage1_steps:
+            raise _FieldIssues(("stage1_warmup_steps", f"{self.stage1_warmup_steps} > stage1_steps "
+                                f"{self.stage1_steps}"))
+        return self
+
+    def lr_factor(self, stage: int, step: int) -> float:
+        """Multiplier of ``stage{stage}_lr`` at optimizer step ``step`` (0-based); a pure function of the step, so a
+        resumed stage continues the same schedule."""
+        if stage != 1:
+            return 1.0
+        warm = self.stage1_warmup_steps
+        if step < warm:
+            return (step + 1) / warm
+        if self.stage1_decay == "linear":
+            return max(0.0, (self.stage1_steps - step) / max(1, self.stage1_steps - warm))
+        return 1.0
 
 
 class HadSkipConfig(_Block):

@@ -124,3 +124,60 @@ def test_seeds_run_every_arm_and_write_the_table(tmp_path):
     assert "hadskip@1 − budgeted_exit@1" in (tmp_path / "out" / "results.md").read_text()
     with pytest.raises(SystemExit, match="--seeds must be >= 1"):
         ft.main(["--seeds", "0", "--out", str(tmp_path / "none")])
+
+
+def _final_state(symbols: list[int], q: int = 0) -> int:
+    for x in symbols:
+        q = ft.AUTOMATON[q][x]
+    return q
+
+
+def test_automaton_examples_labels_and_depths():
+    texts, labels, depths = ft.automaton_examples(300, seed=3, length=12)
+    assert texts == ft.automaton_examples(300, seed=3, length=12)[0]  # deterministic in the seed
+    assert texts != ft.automaton_examples(300, seed=4, length=12)[0]
+    sym = {name: i for i, name in enumerate(ft.AUTOMATON_SYMBOLS)}
+    for text, label, depth in zip(texts, labels, depths):
+        xs = [sym[w] for w in ft.words(text)]
+        assert len(xs) == 12 and label == _final_state(xs)
+        starts = range(len(ft.AUTOMATON))
+        if depth < 12:  # the last `depth` symbols fix the state from any start, one fewer does not
+            assert len({_final_state(xs[12 - depth:], q) for q in starts}) == 1
+        assert depth == 0 or len({_final_state(xs[12 - depth + 1:], q) for q in starts}) > 1
+    assert len(set(depths)) >= 6  # the difficulty varies from word to word
+    with pytest.raises(ValueError, match="length must be >= 1"):
+        ft.automaton_examples(3, seed=0, length=0)
+
+
+def test_by_depth_and_buckets():
+    result = {"predictions": [0, 1, 1, 2], "layers_per_sequence": [2, 4, 6, 12]}
+    groups = ft.by_depth(result, labels=[0, 1, 0, 2], depths=[2, 5, 5, 12])
+    assert groups == {"2": {"n": 1, "accuracy": 1.0, "mean_layers": 2.0},
+                      "5": {"n": 2, "accuracy": 0.5, "mean_layers": 5.0},
+                      "12": {"n": 1, "accuracy": 1.0, "mean_layers": 12.0}}
+    other = {"5": {"n": 2, "accuracy": 1.0, "mean_layers": 3.0}}
+    b = ft.depth_buckets([groups, other])
+    assert b["4-6"] == {"n": 4, "accuracy": 0.75, "mean_layers": 4.0} and b["0-3"]["n"] == 1 and "7-9" not in b
+
+
+def test_automaton_task_scratch_arm_and_parallel_seeds(tmp_path):
+    import json
+
+    cfg = tmp_path / "h.json"
+    cfg.write_text(json.dumps({"hadskip": {"budget": 1, "stages": {"stage1_steps": 4, "stage2_steps": 2,
+                                                                    "stage3_steps": 2, "stage1_warmup_steps": 2,
+                                                                    "stage1_decay": "linear"}}}))
+    common = ["--task", "automaton", "--automaton-examples", "300", "--config", str(cfg), "--max-eval", "30",
+              "--layers", "3", "--hidden", "16", "--ffn", "32", "--batch", "8", "--seq-len", "9", "--budgets", "2",
+              "--arms", "top_k", "scratch", "hadskip", "--seeds", "2"]
+    one = ft.main(common + ["--out", str(tmp_path / "serial")])
+    two = ft.main(common + ["--jobs", "2", "--out", str(tmp_path / "parallel")])
+    assert one["budgets"] == two["budgets"] and one["by_depth"] == two["by_depth"]  # same numbers in processes
+    assert one["budgets"]["2"]["scratch"]["mean_layers"]["values"] == [2.0, 2.0]
+    pairs = {(c["a"], c["b"]) for c in one["comparisons"]}
+    assert {("full_extra@2", "scratch@2"), ("hadskip@2", "scratch@2")} <= pairs
+    seed0 = json.loads((tmp_path / "serial" / "seed0" / "results.json").read_text())
+    assert sum(g["n"] for g in seed0["budgets"]["2"]["scratch"]["by_depth"].values()) == 30
+    assert "automaton" in seed0["task"] and "by the depth" in (tmp_path / "serial" / "results.md").read_text()
+    with pytest.raises(SystemExit, match="--jobs must be >= 1"):
+        ft.main(common + ["--jobs", "0", "--out", str(tmp_path / "none")])

@@ -157,3 +157,27 @@ def test_errors():
         HadSkipTrainer(_model(), _config()).train_stage(4, _batches)
     with pytest.raises(TypeError, match="HadSkipConfig"):
         HadSkipTrainer(_model(), {"budget": 2})
+
+
+def test_stage1_warmup_and_linear_decay_schedule_and_resume(tmp_path):
+    """Stage 1's LR ramps linearly over stage1_warmup_steps, decays linearly to 0 at stage1_steps, and a resumed
+    stage continues the same schedule (the factor is a function of the step, not of the call)."""
+    stages = {"stage1_steps": 6, "stage2_steps": 2, "stage3_steps": 2, "stage1_lr": 1e-2, "stage2_lr": 1e-2,
+              "stage3_lr": 1e-2, "stage1_warmup_steps": 2, "stage1_decay": "linear"}
+    cfg = _config(stages=stages)
+    logs = HadSkipTrainer(_model(), cfg).train_stage(1, _batches)
+    assert [round(e["lr"] / 1e-2, 6) for e in logs] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    part = HadSkipTrainer(_model(), cfg)
+    first = part.train_stage(1, _batches, checkpoint_dir=tmp_path, stop_after=3)
+    rest = HadSkipTrainer(part.model, cfg).train_stage(1, _batches, checkpoint_dir=tmp_path)
+    assert [e["lr"] for e in first + rest] == [e["lr"] for e in logs]
+    assert [e["loss"] for e in first + rest] == pytest.approx([e["loss"] for e in logs], rel=1e-6)
+    # stages 2 and 3 and the default stage 1 keep a constant LR
+    flat = HadSkipTrainer(_model(), _config())
+    assert {e["lr"] for e in flat.train_stage(1, _batches)} == {1e-2}
+    assert {e["lr"] for e in flat.train_stage(2, _batches)} == {1e-2}
+
+
+def test_stage1_warmup_longer_than_stage_is_a_config_error():
+    with pytest.raises(ConfigError, match="stage1_warmup_steps"):
+        _config(stages={"stage1_steps": 4, "stage1_warmup_steps": 5})
