@@ -45,7 +45,7 @@ def test_errors_name_the_key(block, message):
         HadSkipConfig.from_file({"hadskip": block})
 
 
-@pytest.mark.parametrize("name", ["hadskip_cpu.json", "hadskip_bert_glue.json"])
+@pytest.mark.parametrize("name", ["hadskip_cpu.json", "hadskip_bert_glue.json", "hadskip_automaton_cpu.json"])
 def test_shipped_configs_load(name):
     from pathlib import Path
 
