@@ -164,6 +164,9 @@ def test_trainer_with_deepspeed_config_on_cpu():
 def test_deepspeed_inner(tmp_path):
     trainer, spy = train(tmp_path / "ds", 6, deepspeed=True)
     assert trainer.is_deepspeed_enabled
+    # DeepSpeed's CPU allreduce buffer (LOCAL_SIZE == world size) is unlinked once training starts, not leaked
+    shm = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{os.environ['MASTER_PORT']}_0"
+    assert not os.path.exists(shm)
     check_run(trainer, spy, 6)
     ds_seen = trainer.args.hf_deepspeed_config.config
     assert "scheduler" not in ds_seen  # LayerToken LR replaced the iteration scheduler

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -101,6 +102,10 @@ class _RandomLTDCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         run = self.run
+        if "deepspeed" in sys.modules:  # the Trainer ran deepspeed.initialize: drop its leaked CPU shm buffer name
+            from random_ltd.integrations.deepspeed.launcher_guard import release_shm_buffers
+
+            release_shm_buffers()
         if kwargs.get("optimizer") is not None:
             run.optimizer = kwargs["optimizer"]
         if run.resume_dir is not None:
