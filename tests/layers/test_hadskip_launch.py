@@ -158,6 +158,8 @@ def test_by_depth_and_buckets():
     other = {"5": {"n": 2, "accuracy": 1.0, "mean_layers": 3.0}}
     b = ft.depth_buckets([groups, other])
     assert b["4-6"] == {"n": 4, "accuracy": 0.75, "mean_layers": 4.0} and b["0-3"]["n"] == 1 and "7-9" not in b
+    assert b["10+"]["n"] == 1  # the last bucket is open: depth 23 of a 24-symbol word is counted too
+    assert ft.depth_buckets([{"23": {"n": 3, "accuracy": 1.0, "mean_layers": 9.0}}])["10+"]["n"] == 3
 
 
 def test_automaton_task_scratch_arm_and_parallel_seeds(tmp_path):
