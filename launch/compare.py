@@ -189,6 +189,11 @@ def run_arm(name: str, seed: int, ds: dict, steps: int, args: argparse.Namespace
     return result
 
 
+def _g(value: float | None) -> str:
+    """A swept LR as printed and as named in result files ('None': the config's own LR)."""
+    return "None" if value is None else f"{value:g}"
+
+
 def _pct(fraction: float) -> str:
     return f"{round(100 * fraction, 1) + 0.0:.1f}%"  # + 0.0: a rounded -0.0 prints as 0.0
 
@@ -208,7 +213,7 @@ def table(results: dict[str, list[dict]], settings: dict[str, dict]) -> str:
         lt = statistics.mean(r["consumed_layer_tokens"] for r in runs)
         wall = statistics.mean(r["wall_s"] for r in runs)
         s = settings.get(arm, {})
-        lr = f"{s['lr']:g} / {s['warmup']}" if s.get("lr") is not None else "config"
+        lr = f"{'config' if s.get('lr') is None else format(s['lr'], 'g')} / {s.get('warmup', 'config')}"
         lines.append(f"| {arm} | {runs[0]['steps']} | {lr} | {_fmt([r['final_val_loss'] for r in runs])} | "
                      f"{lt:,.0f} | {lt / base_lt:.3f}x | {wall:.1f} | {_pct(1 - wall / base_wall)} |")
     return "\n".join(lines)
@@ -262,6 +267,21 @@ def _grid(text: str | None, cast: Callable[[str], float | int]) -> list:
     return values
 
 
+def sweep_arm(trial: Callable[[float | None, int | None], dict], lrs: list, warmups: list, mode: str,
+              config_warmup: int) -> list[dict]:
+    """The sweep trials of one arm (none when there is one setting). ``grid``: every (LR, warmup) pair.
+    ``coordinate``: every LR at the config's warmup, then every other warmup at the best of those LRs: |LR| + |W| - 1
+    runs instead of |LR| x |W|, the cheaper design that assumes the two optima barely interact."""
+    if len(lrs) * len(warmups) == 1:
+        return []
+    if mode == "grid" or warmups == [None]:
+        return [trial(lr, w) for lr in lrs for w in warmups]
+    trials = [trial(lr, None) for lr in lrs]
+    best_lr = min(trials, key=lambda t: t["final_val_loss"])["lr"]
+    trials += [trial(best_lr, w) for w in warmups if w is not None and w != config_warmup]
+    return trials
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--deepspeed_config", default=str(ROOT / "configs" / "tiny_gpt_cpu.json"))
@@ -276,6 +296,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--equal-budget", action="store_true", help="add the random-ltd-budget arm")
     p.add_argument("--lr-grid", default=None, help="peak LRs to sweep per arm (comma list, >= 3 for a sweep)")
     p.add_argument("--warmup-grid", default=None, help="warmup steps to sweep per arm (comma list)")
+    p.add_argument("--sweep", choices=["grid", "coordinate"], default="grid",
+                   help="grid: every (LR, warmup) pair; coordinate: LRs at the config's warmup, then warmups at the "
+                        "best LR (|LR| + |W| - 1 runs per arm)")
     p.add_argument("--sweep-seed", type=int, default=999, help="seed of the sweep runs (not a reported seed)")
     p.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout (paper: 0.1)")
     p.add_argument("--master-port", type=int, default=29600)
@@ -317,25 +340,28 @@ def main(argv: list[str] | None = None, runner: Callable[..., dict] = run_arm) -
     lrs, warmups = _grid(args.lr_grid, float), _grid(args.warmup_grid, int)
     if args.warmup_grid and not isinstance(recipe.get("scheduler"), dict):
         raise SystemExit("--warmup-grid: the config has no 'scheduler' block whose warmup_num_steps it would set")
-    grid = [(lr, w) for lr in lrs for w in warmups]
+    config_warmup = int(_sched_params(recipe).get("warmup_num_steps", 0))
 
     settings: dict[str, dict] = {}
     sweep: dict[str, list[dict]] = {}
     for arm in args.arm_list:
         dropping, budget = ARMS[arm]
         steps = planner.steps_for(dropping, budget)
-        best = {"lr": grid[0][0], "warmup": grid[0][1], "steps": steps}
-        if len(grid) > 1:
-            trials = []
-            for lr, w in grid:
-                r = runner(arm, args.sweep_seed, planner.config(dropping, steps, lr, w), steps, args,
-                           tag=f"_lr{lr:g}_w{w}")
-                trials.append({"lr": lr, "warmup": w, "final_val_loss": r["final_val_loss"]})
+
+        def trial(lr: float | None, w: int | None, arm: str = arm, dropping: bool = dropping,
+                  steps: int = steps) -> dict:
+            r = runner(arm, args.sweep_seed, planner.config(dropping, steps, lr, w), steps, args,
+                       tag=f"_lr{_g(lr)}_w{w}")
+            return {"lr": lr, "warmup": config_warmup if w is None else w, "final_val_loss": r["final_val_loss"]}
+
+        trials = sweep_arm(trial, lrs, warmups, args.sweep, config_warmup)
+        best = {"lr": lrs[0], "warmup": warmups[0], "steps": steps}
+        if trials:
             sweep[arm] = trials
             pick = min(trials, key=lambda t: t["final_val_loss"])
             best.update(lr=pick["lr"], warmup=pick["warmup"])
         if best["warmup"] is None:
-            best["warmup"] = int(_sched_params(recipe).get("warmup_num_steps", 0))
+            best["warmup"] = config_warmup
         settings[arm] = best
 
     results: dict[str, list[dict]] = {arm: [] for arm in args.arm_list}
@@ -351,7 +377,7 @@ def main(argv: list[str] | None = None, runner: Callable[..., dict] = run_arm) -
     sweep_text = ""
     if sweep:
         sweep_text = f"\n\nLR/warmup sweep (seed {args.sweep_seed}), final val loss per arm:\n\n" + "\n".join(
-            f"- {arm}: " + ", ".join(f"lr {t['lr']:g} w {t['warmup']}: {t['final_val_loss']:.4f}" for t in trials)
+            f"- {arm}: " + ", ".join(f"lr {_g(t['lr'])} w {t['warmup']}: {t['final_val_loss']:.4f}" for t in trials)
             for arm, trials in sweep.items())
     report = f"{text}\n\n{tests}{sweep_text}\n"
     print("\n" + report)

@@ -175,3 +175,41 @@ def test_resume_reuses_only_a_run_made_by_the_same_command_and_config(tmp_path, 
     # a run that died after writing its result but before the stamp is not reused
     (tmp_path / "baseline_seed1234.run.json").unlink()
     assert go("--resume", "--dropout", "0.0", steps=301)["final_val_loss"] == 5.0
+
+
+def _warmup_runner(calls: list):
+    """A fake loss with its best at warmup 10 (any LR) and LR 2e-3 (any warmup) for every arm."""
+    def run(name, seed, ds, steps, args, tag=""):
+        calls.append((name, seed, tag))
+        lr, w = ds["optimizer"]["params"]["lr"], ds["scheduler"]["params"]["warmup_num_steps"]
+        return {"arm": name, "steps": steps, "final_val_loss": 2.0 + 50 * abs(lr - 2e-3) + 0.01 * abs(w - 10),
+                "consumed_layer_tokens": 1, "wall_s": 1.0, "curve": []}
+    return run
+
+
+def test_coordinate_sweep_runs_lrs_then_warmups_at_the_best_lr(tmp_path) -> None:
+    warmup = RECIPE["scheduler"]["params"]["warmup_num_steps"]
+    assert warmup == 20  # the config's warmup is in the grid below and is not run twice
+    calls: list = []
+    summary = compare.main(["--lr-grid", "1e-3,2e-3,4e-3", "--warmup-grid", "5,10,20", "--sweep", "coordinate",
+                            "--out", str(tmp_path)], runner=_warmup_runner(calls))
+    sweep_tags = [c[2] for c in calls if c[0] == "baseline" and c[1] == 999]
+    # the LR phase at the config's warmup (tagged wNone, as a plain LR sweep names it), then the other warmups
+    assert sweep_tags == ["_lr0.001_wNone", "_lr0.002_wNone", "_lr0.004_wNone", "_lr0.002_w5", "_lr0.002_w10"]
+    for arm in ("baseline", "random-ltd"):
+        assert summary["settings"][arm] == {"lr": 2e-3, "warmup": 10, "steps": 200}
+        assert [t["warmup"] for t in summary["sweep"][arm]] == [20, 20, 20, 5, 10]
+    assert "lr 0.002 w 10: 2.0000" in (tmp_path / "table.md").read_text()
+    calls.clear()
+    compare.main(["--lr-grid", "1e-3,2e-3,4e-3", "--warmup-grid", "5,10,20", "--out", str(tmp_path)],
+                 runner=_warmup_runner(calls))
+    assert sum(1 for c in calls if c[0] == "baseline" and c[1] == 999) == 9  # the default grid: every pair
+
+
+def test_warmup_grid_alone_sweeps_at_the_configs_lr(tmp_path) -> None:
+    calls: list = []
+    summary = compare.main(["--warmup-grid", "5,10", "--out", str(tmp_path)], runner=_warmup_runner(calls))
+    assert [c[2] for c in calls if c[0] == "baseline" and c[1] == 999] == ["_lrNone_w5", "_lrNone_w10"]
+    assert summary["settings"]["baseline"]["lr"] is None and summary["settings"]["baseline"]["warmup"] == 10
+    text = (tmp_path / "table.md").read_text()
+    assert "| config / 10 |" in text and "lr None w 5" in text
