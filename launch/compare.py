@@ -190,8 +190,8 @@ def run_arm(name: str, seed: int, ds: dict, steps: int, args: argparse.Namespace
 
 
 def _g(value: float | None) -> str:
-    """A swept LR as printed and as named in result files ('None': the config's own LR)."""
-    return "None" if value is None else f"{value:g}"
+    """A swept LR as printed and as named in result files ('config': the config's own LR)."""
+    return "config" if value is None else f"{value:g}"
 
 
 def _pct(fraction: float) -> str:
@@ -213,7 +213,7 @@ def table(results: dict[str, list[dict]], settings: dict[str, dict]) -> str:
         lt = statistics.mean(r["consumed_layer_tokens"] for r in runs)
         wall = statistics.mean(r["wall_s"] for r in runs)
         s = settings.get(arm, {})
-        lr = f"{'config' if s.get('lr') is None else format(s['lr'], 'g')} / {s.get('warmup', 'config')}"
+        lr = f"{_g(s.get('lr'))} / {s.get('warmup', 'config')}"
         lines.append(f"| {arm} | {runs[0]['steps']} | {lr} | {_fmt([r['final_val_loss'] for r in runs])} | "
                      f"{lt:,.0f} | {lt / base_lt:.3f}x | {wall:.1f} | {_pct(1 - wall / base_wall)} |")
     return "\n".join(lines)

@@ -209,7 +209,7 @@ def test_coordinate_sweep_runs_lrs_then_warmups_at_the_best_lr(tmp_path) -> None
 def test_warmup_grid_alone_sweeps_at_the_configs_lr(tmp_path) -> None:
     calls: list = []
     summary = compare.main(["--warmup-grid", "5,10", "--out", str(tmp_path)], runner=_warmup_runner(calls))
-    assert [c[2] for c in calls if c[0] == "baseline" and c[1] == 999] == ["_lrNone_w5", "_lrNone_w10"]
+    assert [c[2] for c in calls if c[0] == "baseline" and c[1] == 999] == ["_lrconfig_w5", "_lrconfig_w10"]
     assert summary["settings"]["baseline"]["lr"] is None and summary["settings"]["baseline"]["warmup"] == 10
     text = (tmp_path / "table.md").read_text()
-    assert "| config / 10 |" in text and "lr None w 5" in text
+    assert "| config / 10 |" in text and "lr config w 5" in text
