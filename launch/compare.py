@@ -13,6 +13,10 @@ Arms (``--arms``, or ``--design paper`` for all of them):
                         with the full baseline.
 ``baseline-1.5x``       the baseline at 1.5x its layer-tokens, compared with ``random-ltd-budget`` (Table 7's
                         other pairs: random-LTD at X vs the baseline at 1.5X).
+``baseline-ltd-lr``     the schedule control: nothing dropped, but every step at the LR ``random-ltd`` has at that
+                        step (its LayerToken LR, replayed with ``--lr-schedule-of``; not swept: it takes
+                        ``random-ltd``'s pick). ``random-ltd`` minus it is the effect of the dropping alone at an
+                        identical LR curve; it minus ``baseline`` is the effect of the schedule alone.
 
 Fairness (issue 15): every budget arm is planned, not stopped early: its step count is the one whose planned
 consumption matches the budget, with the MSLG growth (``require_steps``) rescaled to the arm's own length (the same
@@ -50,11 +54,14 @@ ARMS: dict[str, tuple[bool, float | None]] = {
     "random-ltd-budget": (True, 1.0),
     "random-ltd-2/3": (True, 2.0 / 3.0),
     "baseline-1.5x": (False, 1.5),
+    "baseline-ltd-lr": (False, None),
 }
-PAPER_ARMS = ("baseline", "random-ltd", "random-ltd-budget", "random-ltd-2/3", "baseline-1.5x")
+# arm -> the arm whose per-step LR it replays (and whose steps, peak LR and warmup it takes)
+LR_OF = {"baseline-ltd-lr": "random-ltd"}
+PAPER_ARMS = ("baseline", "random-ltd", "random-ltd-budget", "random-ltd-2/3", "baseline-1.5x", "baseline-ltd-lr")
 # the differences the README may claim: (a, b) tested as mean(a) - mean(b) of final validation loss
 CLAIMS = (("random-ltd", "baseline"), ("random-ltd-budget", "baseline"), ("random-ltd-2/3", "baseline"),
-          ("random-ltd-budget", "baseline-1.5x"))
+          ("random-ltd-budget", "baseline-1.5x"), ("random-ltd", "baseline-ltd-lr"), ("baseline-ltd-lr", "baseline"))
 
 
 def _block(ds: dict) -> dict:
@@ -155,8 +162,10 @@ class Planner:
         return best
 
 
-def run_arm(name: str, seed: int, ds: dict, steps: int, args: argparse.Namespace, tag: str = "") -> dict:
-    """One run through the DeepSpeed launcher; returns launch/megatron_train.py's result JSON."""
+def run_arm(name: str, seed: int, ds: dict, steps: int, args: argparse.Namespace, tag: str = "",
+            lr_source: dict | None = None) -> dict:
+    """One run through the DeepSpeed launcher; returns launch/megatron_train.py's result JSON. ``lr_source``: a
+    random-LTD config whose per-step LR this (baseline) run replays (``--lr-schedule-of``)."""
     safe = name.replace("/", "_") + tag
     cfg_path = Path(args.out) / "configs" / f"{safe}.json"
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +173,10 @@ def run_arm(name: str, seed: int, ds: dict, steps: int, args: argparse.Namespace
     out = Path(args.out) / f"{safe}_seed{seed}.json"
     deepspeed = Path(sys.executable).with_name("deepspeed")
     extra = ["--baseline"] if not _block(ds).get("enabled", False) else []
+    if lr_source is not None:
+        source_path = cfg_path.with_suffix(".lr_source.json")
+        source_path.write_text(json.dumps(lr_source, indent=1) + "\n")
+        extra += ["--lr-schedule-of", str(source_path)]
     cmd = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_gpus", str(args.nproc),
            "--master_port", str(args.master_port), str(ROOT / "launch" / "pretrain_gpt.py"),
            "--deepspeed_config", str(cfg_path), "--seed", str(seed), "--results", str(out),
@@ -173,7 +186,8 @@ def run_arm(name: str, seed: int, ds: dict, steps: int, args: argparse.Namespace
            *args.passthrough]
     env = dict(os.environ, LOCAL_SIZE=str(args.nproc))  # CPU accelerator: processes per node
     # what makes a run: its command (paths, seed, steps, flags) and its config; --resume reuses only an exact match
-    key = json.dumps({"cmd": cmd[1:], "config": ds}, sort_keys=True)
+    made = {"cmd": cmd[1:], "config": ds} | ({} if lr_source is None else {"lr_source": lr_source})
+    key = json.dumps(made, sort_keys=True)
     stamp = out.with_suffix(".run.json")
     if getattr(args, "resume", False) and out.exists() and stamp.exists() and stamp.read_text() == key:
         print(f"\n== {name}{tag} (seed {seed}, {steps} steps): reusing {out} (--resume, same command and config)",
@@ -214,6 +228,8 @@ def table(results: dict[str, list[dict]], settings: dict[str, dict]) -> str:
         wall = statistics.mean(r["wall_s"] for r in runs)
         s = settings.get(arm, {})
         lr = f"{_g(s.get('lr'))} / {s.get('warmup', 'config')}"
+        if arm in LR_OF:
+            lr += f" ({LR_OF[arm]}'s LR per step)"
         lines.append(f"| {arm} | {runs[0]['steps']} | {lr} | {_fmt([r['final_val_loss'] for r in runs])} | "
                      f"{lt:,.0f} | {lt / base_lt:.3f}x | {wall:.1f} | {_pct(1 - wall / base_wall)} |")
     return "\n".join(lines)
@@ -314,6 +330,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [a for a in arms if a not in ARMS]
     if unknown or "baseline" not in arms:
         raise SystemExit(f"--arms: unknown {unknown}; allowed {list(ARMS)}, and 'baseline' is required")
+    for arm, source in LR_OF.items():
+        if arm in arms and source not in arms:
+            raise SystemExit(f"--arms: {arm} replays {source}'s LR schedule; add {source}")
     args.arm_list = arms
     if args.seeds < 1:
         raise SystemExit("--seeds must be >= 1")
@@ -344,7 +363,10 @@ def main(argv: list[str] | None = None, runner: Callable[..., dict] = run_arm) -
 
     settings: dict[str, dict] = {}
     sweep: dict[str, list[dict]] = {}
-    for arm in args.arm_list:
+    for arm in sorted(args.arm_list, key=lambda a: a in LR_OF):  # an LR source is settled before its replays
+        if arm in LR_OF:
+            settings[arm] = dict(settings[LR_OF[arm]])
+            continue
         dropping, budget = ARMS[arm]
         steps = planner.steps_for(dropping, budget)
 
@@ -369,8 +391,9 @@ def main(argv: list[str] | None = None, runner: Callable[..., dict] = run_arm) -
         for arm in args.arm_list:
             dropping, _ = ARMS[arm]
             s = settings[arm]
+            replay = {} if arm not in LR_OF else {"lr_source": planner.config(True, s["steps"], s["lr"], s["warmup"])}
             results[arm].append(runner(arm, seed, planner.config(dropping, s["steps"], s["lr"], s["warmup"]),
-                                       s["steps"], args))
+                                       s["steps"], args, **replay))
 
     text = table(results, settings)
     tests, comparisons = tests_table(results)

@@ -36,6 +36,10 @@ def add_common_args(p: argparse.ArgumentParser, *, num_layers: int, hidden: int,
     p.add_argument("--lr-total-layer-tokens", type=float, default=None,
                    help="LayerToken LR: decay over this many layer-tokens (Appendix C: the run's own consumption; "
                         "set it with --train-layer-tokens for an equal-budget run)")
+    p.add_argument("--lr-schedule-of", default=None, metavar="CONFIG",
+                   help="with --baseline: run every step at the LR that CONFIG's random-LTD run has at that step (its "
+                        "LayerToken LR over its planned layer-tokens, at this run's batch and length), replacing the "
+                        "iteration scheduler: a control that separates LayerToken LR's schedule from the dropping")
     p.add_argument("--hidden-dropout", type=float, default=0.0,
                    help="dropout after attention and MLP (the paper's GPT/BERT recipes: 0.1; tiny CPU runs: 0)")
     p.add_argument("--attention-dropout", type=float, default=0.0, help="dropout on attention probabilities")
@@ -149,7 +153,36 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if args.data_path is not None and args.vocab_size is None:
         raise SystemExit("--data-path needs --vocab-size (the tokenizer's vocabulary size)")
+    if args.lr_schedule_of is not None:
+        if not args.baseline:
+            raise SystemExit("--lr-schedule-of: only with --baseline (a random-LTD run follows its own LayerToken LR)")
+        if not os.path.isfile(args.lr_schedule_of):
+            raise SystemExit(f"--lr-schedule-of {args.lr_schedule_of}: no such file (expected a DeepSpeed JSON config "
+                             f"with random-LTD and its layer_token_lr_schedule enabled)")
     check_checkpoint_args(args)
+
+
+def replayed_lrs(args: argparse.Namespace, steps: int, batch: int) -> list[float]:
+    """``--lr-schedule-of``: the LR of each of ``steps`` steps of that config's random-LTD run (``batch`` sequences of
+    ``--seq-length`` per step), from its MSLG plan and LayerToken LR block as this launcher would fit them."""
+    from random_ltd.config import RandomLTDConfig, layer_token_lr_config_from_deepspeed
+    from random_ltd.schedules import plan, planned_lrs
+
+    path = args.lr_schedule_of
+    other = deepspeed_config(argparse.Namespace(**{**vars(args), "deepspeed_config": path, "baseline": False,
+                                                    "lr_schedule_of": None}))
+    cfg, lr_cfg = RandomLTDConfig.from_deepspeed(other), layer_token_lr_config_from_deepspeed(other)
+    if not cfg.enabled or lr_cfg is None:
+        raise SystemExit(f"--lr-schedule-of {path}: needs random-LTD and its layer_token_lr_schedule enabled there "
+                         f"(random-LTD {'on' if cfg.enabled else 'off'}, LayerToken LR "
+                         f"{'off' if lr_cfg is None else 'on'})")
+    if other.get("train_batch_size", batch) != batch:
+        raise SystemExit(f"--lr-schedule-of {path}: its train_batch_size {other['train_batch_size']} != this run's "
+                         f"{batch} (its LR follows its own batch's layer-tokens)")
+    peak = lr_cfg.lr if lr_cfg.lr is not None else other.get("optimizer", {}).get("params", {}).get("lr")
+    if peak is None:
+        raise SystemExit(f"--lr-schedule-of {path}: no peak LR (layer_token_lr_schedule.lr or optimizer.params.lr)")
+    return planned_lrs(plan(cfg, steps, batch, args.seq_length), lr_cfg, float(peak))
 
 
 def check_checkpoint_args(args: argparse.Namespace) -> None:
@@ -204,6 +237,8 @@ def deepspeed_config(args: argparse.Namespace) -> dict:
         # the baseline keeps the config's iteration "scheduler" block; LayerToken LR belongs to random-LTD
         block["enabled"] = False
         block.get("layer_token_lr_schedule", {})["enabled"] = False
+        if args.lr_schedule_of is not None:
+            ds.pop("scheduler", None)  # train() sets every step's LR from the replayed plan
         return ds
     if args.lr_total_layer_tokens is not None:
         lr_block = block.setdefault("layer_token_lr_schedule", {})
@@ -314,10 +349,16 @@ def train(args: argparse.Namespace, engine: Any, batch_loss: Callable[[Any, int,
             bar = tqdm(total=train_iters, initial=sched.step, desc=arm, unit="step", dynamic_ncols=True)
         except ImportError:
             bar = None
+    lrs = replayed_lrs(args, train_iters, engine.train_batch_size()) if args.lr_schedule_of else None
     curve, start, step, loss = [], time.perf_counter(), sched.step, torch.tensor(math.nan)
+    step_lr: float | None = None
     while step < train_iters:
         if args.train_layer_tokens is not None and sched.consumed_layer_tokens >= args.train_layer_tokens:
             break
+        if lrs is not None:
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lrs[step]
+        step_lr = engine.get_lr()[0]  # the LR this step runs at (schedulers set the next one inside engine.step)
         for mb in range(gas):
             loss = batch_loss(engine, (step * gas + mb) * dp_size + dp_rank, micro)
             engine.backward(loss)
@@ -334,7 +375,7 @@ def train(args: argparse.Namespace, engine: Any, batch_loss: Callable[[Any, int,
         if step % args.eval_interval == 0 or step == train_iters:
             val = evaluate()
             curve.append({"step": step, "layer_tokens": sched.consumed_layer_tokens, "val_loss": val,
-                          "train_loss": loss.item()})
+                          "train_loss": loss.item(), "lr": step_lr})
             if rank == 0:
                 msg = (f"step {step:5d} | loss {loss.item():.4f} | val {val:.4f} | kept "
                        f"{engine.random_ltd_monitor.last.get('random_ltd/kept_length', 0):.0f} | saved "
@@ -347,7 +388,7 @@ def train(args: argparse.Namespace, engine: Any, batch_loss: Callable[[Any, int,
         engine.save_checkpoint(args.save)
     if not curve or curve[-1]["step"] != step:
         curve.append({"step": step, "layer_tokens": sched.consumed_layer_tokens, "val_loss": evaluate(),
-                      "train_loss": loss.item()})
+                      "train_loss": loss.item(), "lr": step_lr})
     result = {
         "arm": arm,
         "steps": sched.step,

@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 from random_ltd.config import ConfigError, RandomLTDConfig, layer_token_lr_config_from_deepspeed
-from random_ltd.schedules import layer_token_lr, plan
+from random_ltd.schedules import layer_token_lr, plan, planned_lrs
 
 __all__ = ["main"]
 
@@ -129,21 +129,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return layer_token_lr(step, lr=peak, total_layer_tokens=total, warmup_layer_tokens=min(warmup, total),
                               warmup_type="linear", decay_type=decay, min_lr=min_lr)
 
-    def lt_lr(cum_before: int) -> float | None:
-        if lr_cfg is None:
-            return None
-        return layer_token_lr(cum_before, lr=peak, total_layer_tokens=lr_cfg.total_layer_tokens,
-                              warmup_layer_tokens=lr_cfg.warmup_layer_tokens, warmup_type=lr_cfg.warmup_type,
-                              decay_type=lr_cfg.decay_type, min_lr=lr_cfg.min_lr)
+    lt_lrs = None if lr_cfg is None else planned_lrs(rows, lr_cfg, peak)
 
     print(f"random-LTD plan for {args.config}: L={cfg.total_layer_num}, layers {list(cfg.layer_ids)}, "
           f"seq {seq}, batch {batch}, {steps} steps, schedule {cfg.random_ltd_schedule.schedule_type}")
     print("inputs: " + ", ".join(f"{name} from {where}" for name, where in given.sources.items()))
     print(f"{'step':>8} {'kept':>6} {'layer-tokens':>14} {'cumulative':>16} {'baseline cum.':>16} "
           f"{'LayerToken LR':>14} {'iteration LR':>13}")
-    before = [0] + [r.cumulative_layer_tokens for r in rows]
     for r in _sample_rows(rows, args.rows):
-        lt = lt_lr(before[r.step])
+        lt = None if lt_lrs is None else lt_lrs[r.step]
         print(f"{r.step:>8} {r.kept:>6} {r.layer_tokens:>14,} {r.cumulative_layer_tokens:>16,} "
               f"{r.cumulative_baseline_layer_tokens:>16,} {'-' if lt is None else f'{lt:.3e}':>14} "
               f"{iteration_lr(r.step):>13.3e}")
@@ -164,12 +158,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"note: layer_token_lr total_layer_tokens {lr_cfg.total_layer_tokens:,} != planned consumption "
               f"{consumed:,} (Appendix C sets it to the run's own consumption)")
     if args.plot:
-        _plot(args.plot, rows, before, lt_lr, iteration_lr)
+        _plot(args.plot, rows, lt_lrs, iteration_lr)
         print(f"wrote {args.plot}")
     return 0
 
 
-def _plot(path, rows, before, lt_lr, iteration_lr) -> None:
+def _plot(path, rows, lt_lrs, iteration_lr) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,8 +174,8 @@ def _plot(path, rows, before, lt_lr, iteration_lr) -> None:
     a.plot(steps, [r.kept for r in rows])
     a.set_xlabel("step")
     a.set_ylabel("kept tokens (MSLG)")
-    if lt_lr(0) is not None:
-        b.plot(steps, [lt_lr(before[s]) for s in steps], label="LayerToken LR")
+    if lt_lrs is not None:
+        b.plot(steps, [lt_lrs[s] for s in steps], label="LayerToken LR")
     b.plot(steps, [iteration_lr(s) for s in steps], label="iteration LR", linestyle="--")
     b.set_xlabel("step")
     b.set_ylabel("learning rate")

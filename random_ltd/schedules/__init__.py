@@ -6,6 +6,7 @@ from random_ltd.schedules.layer_token_lr import (
     LayerTokenLR,
     iteration_equivalent,
     layer_token_lr,
+    planned_lrs,
     random_ltd_budget,
 )
 from random_ltd.schedules.mslg import (
@@ -29,6 +30,7 @@ __all__ = [
     "layer_token_lr",
     "plan",
     "planned_layer_tokens",
+    "planned_lrs",
     "random_ltd_budget",
     "schedule_snapshot",
     "token_linear",

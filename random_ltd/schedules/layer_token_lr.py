@@ -44,6 +44,7 @@ __all__ = [
     "LayerTokenLR",
     "iteration_equivalent",
     "layer_token_lr",
+    "planned_lrs",
     "random_ltd_budget",
 ]
 
@@ -108,6 +109,24 @@ def layer_token_lr(
     else:
         shape = 0.5 * (1.0 + math.cos(math.pi * progress))
     return min_lr + (lr - min_lr) * shape
+
+
+def planned_lrs(
+    rows: Sequence[Any], lr_config: LayerTokenLRConfig | LayerTokenLRSchedule, lr: float
+) -> list[float]:
+    """The LayerToken LR of every planned step: ``lrs[i]`` is the LR optimizer step ``rows[i].step`` runs at.
+
+    ``rows`` is an MSLG plan (:func:`random_ltd.schedules.plan`); step ``i`` runs at ``layer_token_lr`` of the
+    layer-tokens consumed before it (the engine's timing, module docstring), with peak ``lr``. This is what the
+    engine does with a constant batch of full-length sequences; the CLI ``plan`` prints it, and a baseline can replay
+    it (``--lr-schedule-of``) to separate the schedule from the dropping.
+    """
+    if lr_config.total_layer_tokens is None:
+        raise ValueError("LayerToken LR config has no total_layer_tokens (is it enabled?)")
+    c = lr_config
+    return [layer_token_lr(r.cumulative_layer_tokens - r.layer_tokens, lr=lr, total_layer_tokens=c.total_layer_tokens,
+                           warmup_layer_tokens=c.warmup_layer_tokens, warmup_type=c.warmup_type,
+                           decay_type=c.decay_type, min_lr=c.min_lr) for r in rows]
 
 
 def _per_group(value: float | Sequence[float], groups: int, name: str) -> list[float]:

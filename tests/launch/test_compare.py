@@ -65,8 +65,8 @@ def test_baseline_arms(planner) -> None:
 
 
 def _fake_runner(calls: list):
-    def run(name, seed, ds, steps, args, tag=""):
-        calls.append((name, seed, tag, steps))
+    def run(name, seed, ds, steps, args, tag="", lr_source=None):
+        calls.append((name, seed, tag, steps, lr_source))
         lr = ds["optimizer"]["params"]["lr"]
         # a fake loss: best at lr 2e-3 for random-LTD arms and 4e-3 for baselines; seeds add spread
         best = 2e-3 if _block(ds).get("enabled") else 4e-3
@@ -82,11 +82,13 @@ def test_paper_design_sweeps_each_arm_and_tests_the_claims(tmp_path) -> None:
     summary = compare.main(["--design", "paper", "--seeds", "3", "--lr-grid", "1e-3,2e-3,4e-3", "--out",
                             str(tmp_path)], runner=_fake_runner(calls))
     arms = compare.PAPER_ARMS
-    # 3 sweep runs per arm on the sweep seed, then 3 reported seeds per arm at the arm's best LR
-    assert sum(1 for c in calls if c[1] == 999) == 3 * len(arms)
+    # 3 sweep runs per arm on the sweep seed (not the LR replay, which takes random-ltd's pick), then 3 reported
+    # seeds per arm at the arm's best LR
+    assert sum(1 for c in calls if c[1] == 999) == 3 * (len(arms) - len(compare.LR_OF))
     assert sorted({c[1] for c in calls}) == [999, 1234, 1235, 1236]
     for arm in arms:
-        assert summary["settings"][arm]["lr"] == (2e-3 if compare.ARMS[arm][0] else 4e-3)
+        dropping = compare.ARMS[arm][0] or arm in compare.LR_OF
+        assert summary["settings"][arm]["lr"] == (2e-3 if dropping else 4e-3)
         assert len(summary["results"][arm]) == 3
     claimed = {(c["a"], c["b"]) for c in summary["comparisons"]}
     assert claimed == set(compare.CLAIMS)
@@ -179,7 +181,7 @@ def test_resume_reuses_only_a_run_made_by_the_same_command_and_config(tmp_path, 
 
 def _warmup_runner(calls: list):
     """A fake loss with its best at warmup 10 (any LR) and LR 2e-3 (any warmup) for every arm."""
-    def run(name, seed, ds, steps, args, tag=""):
+    def run(name, seed, ds, steps, args, tag="", lr_source=None):
         calls.append((name, seed, tag))
         lr, w = ds["optimizer"]["params"]["lr"], ds["scheduler"]["params"]["warmup_num_steps"]
         return {"arm": name, "steps": steps, "final_val_loss": 2.0 + 50 * abs(lr - 2e-3) + 0.01 * abs(w - 10),
@@ -213,3 +215,48 @@ def test_warmup_grid_alone_sweeps_at_the_configs_lr(tmp_path) -> None:
     assert summary["settings"]["baseline"]["lr"] is None and summary["settings"]["baseline"]["warmup"] == 10
     text = (tmp_path / "table.md").read_text()
     assert "| config / 10 |" in text and "lr config w 5" in text
+
+
+def test_lr_replay_arm_takes_random_ltds_pick_and_schedule(tmp_path) -> None:
+    """baseline-ltd-lr: nothing dropped, random-ltd's steps, LR and warmup, and random-ltd's own config as the LR
+    source of every seed; refused without random-ltd."""
+    calls: list = []
+    summary = compare.main(["--arms", "baseline,random-ltd,baseline-ltd-lr", "--seeds", "2", "--lr-grid",
+                            "1e-3,2e-3,4e-3", "--train-iters", "150", "--out", str(tmp_path)],
+                           runner=_fake_runner(calls))
+    assert summary["settings"]["baseline-ltd-lr"] == summary["settings"]["random-ltd"] == {
+        "lr": 2e-3, "warmup": 20, "steps": 150}
+    replays = [c for c in calls if c[0] == "baseline-ltd-lr"]
+    assert [c[1] for c in replays] == [1234, 1235]  # not swept
+    planner = compare.Planner(RECIPE, train_iters=150, seq_len=256, num_layers=8)
+    assert all(c[4] == planner.config(True, 150, 2e-3, 20) for c in replays)
+    assert all(c[4] is None for c in calls if c[0] != "baseline-ltd-lr")
+    text = (tmp_path / "table.md").read_text()
+    assert "| baseline-ltd-lr | 150 | 0.002 / 20 (random-ltd's LR per step) |" in text
+    assert "random-ltd − baseline-ltd-lr" in text and "baseline-ltd-lr − baseline" in text
+    with pytest.raises(SystemExit, match="baseline-ltd-lr replays random-ltd's LR schedule; add random-ltd"):
+        compare.main(["--arms", "baseline,baseline-ltd-lr", "--out", str(tmp_path)], runner=_fake_runner([]))
+
+
+def test_run_arm_hands_the_lr_source_to_the_launcher_and_stamps_it(tmp_path, monkeypatch) -> None:
+    calls = []
+
+    def fake_run(cmd, env, check, cwd):
+        calls.append(cmd)
+        Path(cmd[cmd.index("--results") + 1]).write_text(json.dumps({"steps": 3, "final_val_loss": 1.0,
+                                                                     "consumed_layer_tokens": 1, "wall_s": 1.0,
+                                                                     "curve": []}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    args = compare.parse_args(["--out", str(tmp_path), "--resume"])
+    args.seq_length, args.num_layers = 256, 8
+    planner = compare.Planner(RECIPE, train_iters=200, seq_len=256, num_layers=8)
+    for lr in (2e-3, 2e-3, 4e-3):
+        compare.run_arm("baseline-ltd-lr", 1234, planner.config(False, 200), 200, args,
+                        lr_source=planner.config(True, 200, lr))
+    assert len(calls) == 2  # the same source is reused; another source (its LR) is run again
+    cmd = calls[-1]
+    assert "--baseline" in cmd
+    source = json.loads(Path(cmd[cmd.index("--lr-schedule-of") + 1]).read_text())
+    assert source == planner.config(True, 200, 4e-3)

@@ -98,3 +98,45 @@ def test_random_ltd_resumes_from_a_baseline_checkpoint(tmp_path):
     assert resumed["steps"] == 4
     assert resumed["consumed_layer_tokens"] == 2 * baseline_step + 2 * rltd_step
     assert resumed["final_val_loss"] == resumed["final_val_loss"]  # not NaN
+
+
+def _short_lr_config(tmp_path: Path, **lr_block) -> Path:
+    """tiny_gpt_cpu.json planned for the tiny shapes: kept 16 -> 32 over 4 steps, LayerToken LR over 2,000."""
+    ds = json.loads((ROOT / "configs" / "tiny_gpt_cpu.json").read_text())
+    block = ds["data_efficiency"]["data_routing"]["random_ltd"]
+    block["random_ltd_schedule"].update(max_value=32, schedule_config={"require_steps": 4, "seq_per_step": 8})
+    block["layer_token_lr_schedule"].update(total_layer_tokens=2000, warmup_layer_tokens=700, **lr_block)
+    path = tmp_path / "short_lr.json"
+    path.write_text(json.dumps(ds))
+    return path
+
+
+def test_baseline_replays_the_layer_token_lr_of_a_random_ltd_run(tmp_path):
+    """--lr-schedule-of: the baseline runs every step at the LR the random-LTD run had (its LayerToken LR at the
+    layer-tokens it had consumed), not at its own iteration scheduler's, and drops nothing."""
+    cfg = _short_lr_config(tmp_path)
+    steps = ["--train-iters", "6", "--eval-interval", "1"]
+    rltd = _run("pretrain_gpt.py", str(cfg), tmp_path, "rltd", *steps)
+    control = _run("pretrain_gpt.py", str(cfg), tmp_path, "control", *steps, "--baseline", "--lr-schedule-of",
+                   str(cfg))
+    plain = _run("pretrain_gpt.py", str(cfg), tmp_path, "plain", *steps, "--baseline")
+
+    # the reference: Appendix C's formula on the layer-tokens the random-LTD run really consumed before each step
+    before = [0] + [c["layer_tokens"] for c in rltd["curve"][:-1]]
+    expected = [0.002 * c / 700 if c < 700 else max(0.0, 0.002 * (1 - (c - 700) / 1300)) for c in before]
+    assert [c["lr"] for c in rltd["curve"]] == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert [c["lr"] for c in control["curve"]] == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert len(set(expected)) == 6  # warmup and decay both inside the 6 steps
+    assert [c["lr"] for c in plain["curve"]] != pytest.approx(expected)  # the iteration scheduler differs
+    assert control["consumed_layer_tokens"] == 6 * 2 * 32 * 8 and control["saved_percent"] == 0
+    assert rltd["saved_percent"] > 0
+
+
+def test_lr_schedule_of_is_refused_without_a_random_ltd_lr_schedule(tmp_path):
+    cfg = _short_lr_config(tmp_path)
+    assert "only with --baseline" in _refused(tmp_path, "--lr-schedule-of", str(cfg))
+    assert "no such file" in _refused(tmp_path, "--baseline", "--lr-schedule-of", str(tmp_path / "missing.json"))
+    off = _short_lr_config(tmp_path, enabled=False)
+    err = _refused(tmp_path, "--baseline", "--lr-schedule-of", str(off))
+    assert f"--lr-schedule-of {off}: needs random-LTD and its layer_token_lr_schedule enabled" in err
+    assert "LayerToken LR off" in err
