@@ -355,3 +355,23 @@ def test_iteration_equivalent() -> None:
         iteration_equivalent(warmup_steps=5, total_steps=4, batch_size=1, seq_len=1, num_layers=1)
     with pytest.raises(ValueError, match="batch_size must be an integer"):
         iteration_equivalent(warmup_steps=0, total_steps=4, batch_size=1.5, seq_len=1, num_layers=1)  # type: ignore
+
+
+def test_planned_lrs_step_at_the_layer_tokens_consumed_before_them() -> None:
+    """Step i runs at the LR of what steps 0..i-1 consumed (no lag): checked against the formula by hand."""
+    from random_ltd.schedules import plan, planned_lrs
+
+    cfg = RandomLTDConfig.model_validate({
+        "enabled": True, "total_layer_num": 4, "random_ltd_layer_id": [1, 2],
+        "random_ltd_schedule": {"min_value": 4, "max_value": 8, "schedule_type": "fixed_linear",
+                                "schedule_config": {"require_steps": 2, "seq_per_step": 2}}})
+    rows = plan(cfg, 4, 1, 8)
+    per_step = [2 * 8 + 2 * kept for kept in (4, 6, 8, 8)]  # 2 full layers + 2 layers at the kept length
+    assert [r.layer_tokens for r in rows] == per_step
+    lr_cfg = LayerTokenLRSchedule(enabled=True, total_layer_tokens=80, warmup_layer_tokens=30, decay_type="linear")
+    before = [0, 24, 52, 84]
+    expected = [0.1 * c / 30 if c < 30 else max(0.0, 0.1 * (1 - (c - 30) / 50)) for c in before]
+    assert planned_lrs(rows, lr_cfg, 0.1) == pytest.approx(expected)
+    assert planned_lrs([], lr_cfg, 0.1) == []
+    with pytest.raises(ValueError, match="no total_layer_tokens"):
+        planned_lrs(rows, LayerTokenLRSchedule(), 0.1)
