@@ -290,8 +290,8 @@ def sweep_arm(trial: Callable[[float | None, int | None], dict], lrs: list, warm
     runs instead of |LR| x |W|, the cheaper design that assumes the two optima barely interact."""
     if len(lrs) * len(warmups) == 1:
         return []
-    if mode == "grid" or warmups == [None]:
-        return [trial(lr, w) for lr in lrs for w in warmups]
+    if mode == "grid" or warmups == [None]:  # the config's own warmup runs (and is named) as in the LR phase
+        return [trial(lr, None if w == config_warmup else w) for lr in lrs for w in warmups]
     trials = [trial(lr, None) for lr in lrs]
     best_lr = min(trials, key=lambda t: t["final_val_loss"])["lr"]
     trials += [trial(best_lr, w) for w in warmups if w is not None and w != config_warmup]

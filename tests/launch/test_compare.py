@@ -205,7 +205,10 @@ def test_coordinate_sweep_runs_lrs_then_warmups_at_the_best_lr(tmp_path) -> None
     calls.clear()
     compare.main(["--lr-grid", "1e-3,2e-3,4e-3", "--warmup-grid", "5,10,20", "--out", str(tmp_path)],
                  runner=_warmup_runner(calls))
-    assert sum(1 for c in calls if c[0] == "baseline" and c[1] == 999) == 9  # the default grid: every pair
+    grid_tags = [c[2] for c in calls if c[0] == "baseline" and c[1] == 999]
+    assert len(grid_tags) == 9  # the default grid: every pair
+    # the config's warmup has one name in both modes, so --resume reuses a coordinate sweep's runs in a grid
+    assert {"_lr0.001_wNone", "_lr0.002_wNone", "_lr0.004_wNone"} <= set(grid_tags) and "_lr0.002_w20" not in grid_tags
 
 
 def test_warmup_grid_alone_sweeps_at_the_configs_lr(tmp_path) -> None:
