@@ -7,6 +7,7 @@ with megatron's tensor-parallel groups handed to DeepSpeed as ``mpu``. Run it wi
 
     LOCAL_SIZE=2 deepspeed --num_gpus 2 launch/pretrain_gpt.py --deepspeed_config configs/tiny_gpt_cpu.json
     ... --baseline                        # same run, nothing dropped (layer-tokens still counted)
+    ... --baseline --lr-schedule-of CFG   # nothing dropped, each step at the LR CFG's random-LTD run has there
     ... --tensor-model-parallel-size 2    # TP (indices identical on the TP ranks), + --sequence-parallel
 
 Data: ``--data-path`` (a Megatron indexed dataset, with ``--vocab-size``) or the embedded corpus (bytes, written

@@ -154,3 +154,22 @@ def test_gpu_suite_cpu_rehearsal(tmp_path):
     table = (tmp_path / "gpu_table.md").read_text()
     assert "realized saving" in table and "cold x clone" in table
     assert "| e2e_plain | ok |" in proc.stdout
+
+
+def test_depth_probe_words_track_element_zero_through_the_permutations():
+    """The probe's label is where element 0 ends up: a product of the word's permutations, checked as one map."""
+    import random
+
+    from benchmarks import depth_probe
+
+    x, y, lengths = depth_probe.words(500, random.Random(3))
+    assert x.shape == (500, depth_probe.MAX_LEN + 1) and (x[:, 0] == 1).all()
+    assert min(lengths) == 1 and max(lengths) == depth_probe.MAX_LEN
+    for row, label, m in zip(x.tolist(), y.tolist(), lengths):
+        symbols = [t - 2 for t in row[1:] if t != 0]
+        assert len(symbols) == m
+        composed = (0, 1, 2)  # composed[i]: where i ends up after the symbols so far
+        for s in symbols:
+            composed = tuple(depth_probe.GENERATORS[s][composed[i]] for i in range(3))
+        assert label == composed[0]
+    assert set(y.tolist()) == {0, 1, 2}
